@@ -1,0 +1,50 @@
+"""Logging like STAMP: logger ``stamp`` to stderr, plus ``logfile.log`` in each output dir."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+LOGGER_NAME = "stamp"
+FILE_FORMAT = "%(asctime)s\t%(levelname)s\t%(message)s"
+LOGFILE_NAME = "logfile.log"
+
+logger = logging.getLogger(LOGGER_NAME)
+
+
+def setup_logging(verbosity: int = 0) -> logging.Logger:
+    """Send ``stamp`` log records to stderr: INFO by default, DEBUG with ``-v``."""
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    if not any(getattr(h, "_stamp_console", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        handler._stamp_console = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    for h in logger.handlers:
+        if getattr(h, "_stamp_console", False):
+            h.setLevel(logging.DEBUG if verbosity > 0 else logging.INFO)
+    return logger
+
+
+def add_file_log(output_dir: Path) -> Path:
+    """Also log DEBUG records to ``<output_dir>/logfile.log`` (appending); return its path."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = (output_dir / LOGFILE_NAME).resolve()
+    for h in logger.handlers:
+        if isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path:
+            return path
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setLevel(logging.DEBUG)
+    handler.setFormatter(logging.Formatter(FILE_FORMAT))
+    logger.addHandler(handler)
+    return path
+
+
+def remove_file_logs() -> None:
+    """Close and detach every file handler of the ``stamp`` logger (tests, repeated commands)."""
+    for h in list(logger.handlers):
+        if isinstance(h, logging.FileHandler):
+            logger.removeHandler(h)
+            h.close()

@@ -1,0 +1,145 @@
+"""Prefect cache policy for per-slide (and per-fold) stage tasks — DESIGN contract 4.
+
+The key is :func:`stamp.hashing.stage_cache_key` over
+
+* the *content* sha256 of the file arguments named in ``content_args`` (memoised per
+  path + size + mtime by :class:`stamp.hashing.DigestIndex`, so a cohort is hashed once
+  and a renamed or moved slide still hits),
+* every other argument (the stage parameters), minus ``ignore_args``,
+* the task name, an explicit ``code_version`` and the encoder ``weights_sha256``.
+
+A cache hit does not check that the files a task returned still exist; call such tasks
+through :func:`run_ensuring_outputs`, which re-runs the task with ``refresh_cache`` when a
+cached result points at a deleted file (the record is then overwritten under the same key).
+
+Use :func:`content_cache_policy` to get the policy with SERIALIZABLE isolation and a
+file-system lock manager, so two processes computing the same key run it once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from prefect import Task
+from prefect.cache_policies import CachePolicy
+from prefect.context import TaskRunContext
+from prefect.locking.filesystem import FileSystemLockManager
+
+from stamp.hashing import DigestIndex, default_index_dir, stage_cache_key
+
+
+@dataclass
+class ContentStageCache(CachePolicy):
+    """Cache key = file contents + stage parameters + task name + code/weights version."""
+
+    code_version: str = "0"
+    weights_sha256: str | None = None
+    content_args: tuple[str, ...] = ("slide_path",)
+    ignore_args: tuple[str, ...] = ()
+    digest_index_dir: str | None = None
+    _index: DigestIndex | None = field(default=None, repr=False, compare=False)
+
+    def _digests(self, value: Any) -> list[str]:
+        index = self._index or DigestIndex(self.digest_index_dir)
+        self._index = index
+        if value is None:
+            return []
+        if isinstance(value, (list, tuple)):
+            return [d for v in value for d in self._digests(v)]
+        return [index.sha256(value)]
+
+    def compute_key(
+        self,
+        task_ctx: TaskRunContext,
+        inputs: dict[str, Any],
+        flow_parameters: dict[str, Any],
+        **kwargs: Any,
+    ) -> str | None:
+        """Return the cache key of one task call."""
+        content: list[str] = []
+        for name in self.content_args:
+            if name not in inputs:
+                raise KeyError(f"cache policy of task {task_ctx.task.name!r} expects an argument {name!r}")
+            content.extend(self._digests(inputs[name]))
+        params = {k: v for k, v in inputs.items() if k not in self.content_args and k not in self.ignore_args}
+        return stage_cache_key(
+            task_name=task_ctx.task.name,
+            content_sha256=content,
+            params=params,
+            code_version=self.code_version,
+            weights_sha256=self.weights_sha256,
+        )
+
+
+def default_lock_dir() -> Path:
+    """Lock files for cache isolation: beside the digest index (``$STAMP_CACHE_DIR/locks``)."""
+    return default_index_dir().parent / "locks"
+
+
+def content_cache_policy(
+    code_version: str,
+    *,
+    weights_sha256: str | None = None,
+    content_args: tuple[str, ...] = ("slide_path",),
+    ignore_args: tuple[str, ...] = (),
+    lock_dir: str | Path | None = None,
+    digest_index_dir: str | Path | None = None,
+) -> CachePolicy:
+    """A :class:`ContentStageCache` with SERIALIZABLE isolation and file locks.
+
+    Processes sharing ``lock_dir`` (and the result storage) compute each key once; the
+    others wait for the lock and then read the cached result.
+    """
+    policy = ContentStageCache(
+        code_version=code_version,
+        weights_sha256=weights_sha256,
+        content_args=content_args,
+        ignore_args=ignore_args,
+        digest_index_dir=str(digest_index_dir) if digest_index_dir is not None else None,
+    )
+    locks = Path(lock_dir) if lock_dir is not None else default_lock_dir()  # created on first lock
+    return policy.configure(
+        isolation_level="SERIALIZABLE",
+        lock_manager=FileSystemLockManager(lock_files_directory=locks),
+    )
+
+
+R = TypeVar("R")
+
+
+def _as_paths(result: Any) -> list[Path]:
+    if result is None:
+        return []
+    if isinstance(result, (str, Path)):
+        return [Path(result)]
+    if isinstance(result, dict):
+        return [p for v in result.values() for p in _as_paths(v)]
+    if isinstance(result, (list, tuple)):
+        return [p for v in result for p in _as_paths(v)]
+    return []
+
+
+def missing_outputs(result: Any, outputs: Callable[[Any], Iterable[str | Path]] | None = None) -> list[Path]:
+    """Files named by a task result (or by ``outputs(result)``) that do not exist."""
+    paths = [Path(p) for p in outputs(result)] if outputs is not None else _as_paths(result)
+    return [p for p in paths if not p.exists()]
+
+
+def run_ensuring_outputs(
+    task: Task[..., R],
+    *args: Any,
+    outputs: Callable[[R], Iterable[str | Path]] | None = None,
+    **kwargs: Any,
+) -> R:
+    """Call ``task``; if its (cached) result names files that are gone, run it again uncached.
+
+    By default every ``str``/``Path`` in the result (also inside lists, tuples and dict
+    values) counts as an output file; pass ``outputs`` to choose them explicitly.
+    """
+    result = task(*args, **kwargs)
+    if missing_outputs(result, outputs):
+        result = task.with_options(refresh_cache=True)(*args, **kwargs)
+    return result

@@ -1,0 +1,50 @@
+"""Shared fixtures. The environment is isolated before anything imports Prefect."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_SESSION_TMP = Path(tempfile.mkdtemp(prefix="stamp-tests-"))
+# Keep tests away from the user's ~/.stamp, ~/.cache/stamp and any configured server.
+os.environ.pop("PREFECT_API_URL", None)
+os.environ["PREFECT_HOME"] = str(_SESSION_TMP / "prefect-home")
+os.environ["STAMP_HOME"] = str(_SESSION_TMP / "stamp-home")
+os.environ["STAMP_CACHE_DIR"] = str(_SESSION_TMP / "stamp-cache")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A session-wide Prefect test server (fresh SQLite) with its own result store.
+
+    Yields the API URL, so subprocesses can be pointed at the same server. Pays the
+    server start (~20–30 s here) once per session; only engine tests use it.
+    """
+    from prefect.settings import PREFECT_API_URL, PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    results = tmp_path_factory.mktemp("prefect-results")
+    with (
+        temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: results}),
+        prefect_test_harness(server_startup_timeout=180),
+    ):
+        yield str(PREFECT_API_URL.value())
+
+
+@pytest.fixture
+def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh digest index / lock dir for one test (via ``STAMP_CACHE_DIR``)."""
+    cache = tmp_path / "stamp-cache"
+    monkeypatch.setenv("STAMP_CACHE_DIR", str(cache))
+    return cache
