@@ -1,0 +1,77 @@
+"""The Prefect cache policy of DESIGN contract 4, exercised through real flow runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+
+def _executions(counter: Path) -> int:
+    return len(counter.read_text().splitlines()) if counter.exists() else 0
+
+
+def test_cache_hits_moves_and_misses_changes(tmp_path: Path) -> None:
+    from tests.cache_probe import probe_flow
+
+    slide = tmp_path / "slide.svs"
+    slide.write_bytes(os.urandom(200_000))
+    out, counter = tmp_path / "out.txt", tmp_path / "count.txt"
+    assert probe_flow(str(slide), 256.0, str(out), str(counter)) == str(out)
+    assert _executions(counter) == 1
+    probe_flow(str(slide), 256.0, str(out), str(counter))
+    assert _executions(counter) == 1, "unchanged slide and parameters must be served from the cache"
+
+    moved = tmp_path / "elsewhere" / "renamed.svs"
+    moved.parent.mkdir()
+    slide.rename(moved)
+    probe_flow(str(moved), 256.0, str(out), str(counter))
+    assert _executions(counter) == 1, "a moved/renamed slide must hit the cache"
+
+    probe_flow(str(moved), 512.0, str(out), str(counter))
+    assert _executions(counter) == 2, "a changed parameter must miss"
+
+    data = bytearray(moved.read_bytes())
+    data[100] ^= 0x01
+    moved.write_bytes(bytes(data))
+    probe_flow(str(moved), 256.0, str(out), str(counter))
+    assert _executions(counter) == 3, "one changed byte must miss"
+
+    out.unlink()
+    probe_flow(str(moved), 256.0, str(out), str(counter))
+    assert _executions(counter) == 4 and out.exists(), "a deleted output must be recomputed"
+    probe_flow(str(moved), 256.0, str(out), str(counter))
+    assert _executions(counter) == 4
+
+
+def test_two_processes_compute_once(tmp_path: Path, prefect_api: str) -> None:
+    from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH
+
+    slide = tmp_path / "slide.svs"
+    slide.write_bytes(os.urandom(100_000))
+    out, counter = tmp_path / "out.txt", tmp_path / "count.txt"
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": prefect_api,
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(PREFECT_RESULTS_LOCAL_STORAGE_PATH.value()),
+        "PYTHONPATH": str(REPO_ROOT),
+    }
+    cmd = [sys.executable, "-m", "tests.cache_probe", str(slide), "256", str(out), str(counter), "4"]
+    procs = [
+        subprocess.Popen(
+            cmd, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (stdout, stderr) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, stderr[-2000:]
+        assert stdout.strip().splitlines()[-1] == str(out)
+    assert _executions(counter) == 1, "two processes with the same key must compute once"
