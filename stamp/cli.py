@@ -1,0 +1,205 @@
+"""The ``stamp`` command line: STAMP's commands and config, each run as a Prefect flow.
+
+Only argparse is imported at start-up (``stamp --help`` answers in well under a second);
+config models, Prefect and torch are imported by the command that needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+# STAMP's commands, with what each does (in our words), and the issue that builds it.
+STAGE_COMMANDS: dict[str, tuple[str, int]] = {
+    "preprocess": ("Tile whole-slide images, reject background and extract tile features (h5 per slide)", 3),
+    "encode_slides": ("Turn tile features into one embedding per slide with a slide encoder", 3),
+    "encode_patients": ("Turn all tile features of a patient into one patient embedding", 3),
+    "train": ("Train one MIL model on all patients (inner validation split for early stopping)", 4),
+    "crossval": ("Train and evaluate MIL models with patient-level k-fold cross-validation", 4),
+    "deploy": ("Predict an external cohort with one or more trained models", 4),
+    "statistics": ("Compute AUROC/AUPRC (etc.) with 95%% CIs and plot ROC/PR/KM/scatter curves", 5),
+    "heatmaps": ("Draw relevance heatmaps and top/bottom tiles for a trained model", 5),
+}
+EXIT_NOT_BUILT = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (``stamp [-c CONFIG] [-v] COMMAND ...``)."""
+    parser = argparse.ArgumentParser(
+        prog="stamp",
+        description="STAMP-compatible pathology pipeline (WSI → features → MIL → statistics → heatmaps), "
+        "every stage a Prefect flow.",
+    )
+    parser.add_argument(
+        "-c", "--config", type=Path, default=Path("config.yaml"), help="config file (default: ./config.yaml)"
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("init", help="Write a commented template config to --config (never overwrites)")
+    sub.add_parser("config", help="Validate the config and print it as YAML")
+    for name, (text, _issue) in STAGE_COMMANDS.items():
+        sub.add_parser(name, help=text)
+
+    synth = sub.add_parser("synth", help="Write a synthetic slide cohort with a planted biomarker")
+    synth.add_argument("--out", type=Path, required=True, help="output folder")
+    synth.add_argument("--patients", type=int, default=12, help="number of patients (default 12)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    synth.add_argument("--size", type=int, default=None, help="level-0 slide width/height in px")
+    synth.add_argument("--no-variants", action="store_true", help="skip the broken/no-mpp extra slides")
+
+    demo = sub.add_parser("demo", help="Run the pipeline on the built-in synthetic cohort")
+    demo.add_argument(
+        "--out", type=Path, default=Path("stamp-demo"), help="output folder (default ./stamp-demo)"
+    )
+    demo.add_argument("--patients", type=int, default=12, help="number of synthetic patients (default 12)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+    server = sub.add_parser("server", help="Run a local Prefect server + UI that stamp commands reuse")
+    server.add_argument("--port", type=int, default=None, help="port (default: a free one)")
+    mode = server.add_mutually_exclusive_group()
+    mode.add_argument("--background", action="store_true", help="start it detached and return")
+    mode.add_argument("--stop", action="store_true", help="stop the server started with --background")
+    return parser
+
+
+def _fail(message: str, status: int = 1) -> int:
+    print(f"stamp: {message}", file=sys.stderr)
+    return status
+
+
+def _load(path: Path):  # noqa: ANN202 - StampConfig, imported lazily
+    from stamp.config import load_config
+
+    return load_config(path)
+
+
+def _configure_prefect(args: argparse.Namespace, cfg=None):  # noqa: ANN001, ANN202
+    from stamp_flows.runtime import configure_prefect
+
+    orch = getattr(cfg, "orchestration", None) if cfg is not None else None
+    return configure_prefect(
+        api_url=getattr(orch, "prefect_api_url", None),
+        prefect_home=getattr(orch, "prefect_home", None),
+        result_dir=getattr(orch, "result_dir", None),
+        verbosity=args.verbose,
+    )
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    from stamp.config import write_template
+
+    try:
+        write_template(args.config)
+    except FileExistsError:
+        return _fail(
+            f"{args.config} already exists; not overwriting it (remove it or pass another path with -c)"
+        )
+    print(
+        f"Wrote a template config to {args.config}; edit the paths, then run e.g. `stamp -c {args.config} preprocess`."
+    )
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from stamp.config import dump_config
+
+    print(dump_config(_load(args.config)), end="")
+    return 0
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from stamp.logs import add_file_log, logger
+
+    target = _configure_prefect(args)
+    add_file_log(args.out)
+    logger.info(target.describe())
+    from stamp_flows.synth import synth_flow
+
+    info = synth_flow(
+        out=str(args.out),
+        patients=args.patients,
+        seed=args.seed,
+        size=args.size,
+        variants=not args.no_variants,
+    )
+    print(info["summary"])
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from stamp.logs import add_file_log, logger
+
+    target = _configure_prefect(args)
+    add_file_log(args.out)
+    logger.info(target.describe())
+    from stamp_flows.demo import demo_flow
+
+    report = demo_flow(out=str(args.out), patients=args.patients, seed=args.seed)
+    print(report)
+    return 0
+
+
+def _cmd_server(args: argparse.Namespace) -> int:
+    target = _configure_prefect(args)
+    from stamp_flows.server import serve_foreground, start_server, stop_server
+
+    if args.stop:
+        stopped = stop_server(target.home)
+        print("Stopped the local Prefect server." if stopped else "No local Prefect server was recorded.")
+        return 0
+    if target.mode == "local-server":
+        print(f"A local Prefect server is already running: {target.api_url}")
+        return 0
+    if args.background:
+        proc, api_url = start_server(target.home, port=args.port)
+        print(
+            f"Prefect UI: {api_url.removesuffix('/api')} (pid {proc.pid}); stop it with `stamp server --stop`."
+        )
+        return 0
+    return serve_foreground(target.home, port=args.port)
+
+
+def _cmd_stage(args: argparse.Namespace) -> int:
+    text, issue = STAGE_COMMANDS[args.command]
+    return _fail(
+        f"{args.command}: this stage is not built yet (tracked in issue #{issue}); nothing was written.",
+        EXIT_NOT_BUILT,
+    )
+
+
+HANDLERS = {
+    "init": _cmd_init,
+    "config": _cmd_config,
+    "synth": _cmd_synth,
+    "demo": _cmd_demo,
+    "server": _cmd_server,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``stamp`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 1
+    from stamp.logs import logger, setup_logging
+
+    setup_logging(args.verbose)
+    handler = HANDLERS.get(args.command, _cmd_stage)
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    except Exception as exc:  # user-facing errors: one line; anything else: traceback in the log
+        from stamp.config import ConfigError
+
+        if isinstance(exc, ConfigError):
+            return _fail(str(exc))
+        logger.exception(f"{args.command} failed: {exc}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
