@@ -1,0 +1,52 @@
+"""Per-output lock files: exclusive while alive, taken over when the owner is dead."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from stamp.slidelock import OutputLock, SlideLocked, read_owner
+
+
+def test_lock_is_exclusive_and_released(tmp_path: Path) -> None:
+    out = tmp_path / "slide.h5"
+    with OutputLock(out) as lock:
+        owner = read_owner(lock.lock_path)
+        assert owner is not None and owner.host == socket.gethostname()
+        with pytest.raises(SlideLocked, match=r"slide\.h5: being processed by pid \d+ on host"):
+            OutputLock(out).acquire()
+    assert not (tmp_path / "slide.h5.lock").exists()
+
+
+def test_lock_of_killed_process_is_taken_over(tmp_path: Path) -> None:
+    out = tmp_path / "slide.h5"
+    code = (
+        "import sys, time; from pathlib import Path; from stamp.slidelock import OutputLock\n"
+        f"OutputLock(Path({str(out)!r})).acquire(); print('locked', flush=True); time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+    with pytest.raises(SlideLocked):
+        OutputLock(out).acquire()
+    proc.kill()  # like kill -9: the lock file stays behind
+    proc.wait()
+    assert (tmp_path / "slide.h5.lock").exists()
+    with OutputLock(out):  # stale (owner dead on this host) → taken over
+        assert read_owner(tmp_path / "slide.h5.lock").pid != proc.pid  # type: ignore[union-attr]
+
+
+def test_old_lock_from_other_host_is_stale(tmp_path: Path) -> None:
+    out = tmp_path / "slide.h5"
+    lock = tmp_path / "slide.h5.lock"
+    lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": time.time()}))
+    with pytest.raises(SlideLocked, match="elsewhere"):
+        OutputLock(out).acquire()
+    lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": time.time() - 7200}))
+    with OutputLock(out, stale_after_s=3600):
+        pass
