@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 
 _SESSION_TMP = Path(tempfile.mkdtemp(prefix="stamp-tests-"))
+atexit.register(shutil.rmtree, _SESSION_TMP, ignore_errors=True)
 # Keep tests away from the user's ~/.stamp, ~/.cache/stamp and any configured server.
 os.environ.pop("PREFECT_API_URL", None)
 os.environ["PREFECT_HOME"] = str(_SESSION_TMP / "prefect-home")
