@@ -76,6 +76,8 @@ ExtractorName = Literal[
     "ticon",
     "red-dino",
     "empty",
+    # ours: a weight-free handcrafted encoder for the demo and tests (not for research use)
+    "demo",
 ]
 EncoderName = Literal["cobra", "eagle", "chief", "titan", "gigapath", "madeleine", "prism"]
 Task = Literal["classification", "regression", "survival"]
@@ -191,6 +193,13 @@ class PreprocessingConfig(_Section):
     default_slide_mpp: float | None = Field(default=None, gt=0)
     brightness_cutoff: int | None = Field(default=240, gt=0, lt=255)
     canny_cutoff: float | None = Field(default=0.02, gt=0, lt=1)
+    # ---- our additions; the defaults keep STAMP's behaviour
+    reader: Literal["auto", "openslide", "tifffile"] = "auto"
+    tissue_method: Literal["stamp", "otsu"] = "stamp"
+    min_tissue_fraction: float = Field(default=0.1, ge=0, le=1)
+    stain_norm: Literal["macenko", "reinhard"] | None = None
+    weights_dir: Path | None = None
+    batch_size: int = Field(default=64, ge=1)
 
 
 # --------------------------------------------------------------------------- modeling
