@@ -99,6 +99,7 @@ def configure_prefect(
     home = Path(env.get("PREFECT_HOME") or prefect_home or default_prefect_home()).expanduser()
     env.setdefault("PREFECT_HOME", str(home))
     home = Path(env["PREFECT_HOME"])
+    home.mkdir(parents=True, exist_ok=True)  # Prefect creates only the last path component
     env.setdefault("DO_NOT_TRACK", "1")
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")

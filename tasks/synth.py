@@ -1,0 +1,54 @@
+"""Prefect task that writes a synthetic cohort (cached on its parameters and the generator code)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from stamp_tasks.cache import content_cache_policy
+
+import stamp
+from stamp.hashing import code_hash
+from stamp.synthetic import synth_command
+
+SYNTH_CODE_VERSION = code_hash(Path(stamp.__file__).parent.glob("synthetic*.py"))[:16]
+SYNTH_CACHE = content_cache_policy(SYNTH_CODE_VERSION, content_args=())
+
+
+def cohort_outputs(result: dict[str, Any]) -> list[str]:
+    """The files a cached cohort result promises: tables, manifest and every slide."""
+    return [result["clini_table"], result["slide_table"], result["truth_json"], *result["slides"]]
+
+
+@task(
+    name="write-synthetic-cohort",
+    cache_policy=SYNTH_CACHE,
+    persist_result=True,
+)
+def write_synthetic_cohort(
+    out: str, patients: int, seed: int, size: int | None, variants: bool
+) -> dict[str, Any]:
+    """Write the cohort to ``out``; return its table/slide paths and a one-line summary."""
+    info = synth_command(Path(out), patients=patients, seed=seed, size=size, variants=variants)
+    return {
+        "root": str(info.root),
+        "clini_table": str(info.clini_table),
+        "slide_table": str(info.slide_table),
+        "truth_json": str(info.truth_json),
+        "slides_dir": str(info.slides_dir),
+        "slides": [str(rec.truth.slide_path) for rec in info.slides],
+        "summary": info.summary,
+        "table": [
+            {
+                "slide": Path(rec.truth.slide_path).name,
+                "patient": rec.patient,
+                "label": rec.label,
+                "mpp": rec.truth.mpp,
+                "size_px": f"{rec.truth.width}x{rec.truth.height}",
+                "tissue_fraction": round(rec.truth.tissue_fraction, 3),
+                "planted_fraction": round(rec.truth.planted_fraction, 3),
+            }
+            for rec in info.slides
+        ],
+    }
