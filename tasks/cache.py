@@ -18,6 +18,9 @@ file-system lock manager, so two processes computing the same key run it once.
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +77,70 @@ class ContentStageCache(CachePolicy):
         )
 
 
+class ProcessAwareLockManager(FileSystemLockManager):
+    """Prefect's file-system lock manager, plus: a lock dies with the process that took it.
+
+    Prefect's transactions take locks without a hold timeout, so a process killed with
+    ``kill -9`` mid-task would leave a lock that blocks every later run of that key for
+    ever. We record host and PID in each lock file; a lock whose owner is on this host and
+    no longer running counts as free (and is removed).
+    """
+
+    def _stamp_owner(self, key: str) -> None:
+        path = Path(self._lock_path_for_key(key))
+        try:
+            data = json.loads(path.read_bytes() or b"{}")
+        except (OSError, ValueError):
+            return
+        data.update(pid=os.getpid(), host=socket.gethostname())
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
+
+    def acquire_lock(
+        self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None
+    ) -> bool:
+        """Take the lock as Prefect does, then record this process as its owner."""
+        acquired = super().acquire_lock(key, holder, acquire_timeout, hold_timeout)
+        if acquired:
+            self._stamp_owner(key)
+        return acquired
+
+    async def aacquire_lock(
+        self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None
+    ) -> bool:
+        """Async variant of :meth:`acquire_lock`."""
+        acquired = await super().aacquire_lock(key, holder, acquire_timeout, hold_timeout)
+        if acquired:
+            self._stamp_owner(key)
+        return acquired
+
+    def _owner_is_dead(self, key: str) -> bool:
+        path = Path(self._lock_path_for_key(key))
+        try:
+            data = json.loads(path.read_bytes())
+            pid, host = int(data["pid"]), str(data["host"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        if host != socket.gethostname() or pid == os.getpid():
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def is_locked(self, key: str, use_cache: bool = False) -> bool:
+        """Prefect's check, except that a lock of a dead local process is removed and reported free."""
+        if not use_cache and self._owner_is_dead(key):
+            Path(self._lock_path_for_key(key)).unlink(missing_ok=True)
+            self._locks.pop(key, None)
+            return False
+        return super().is_locked(key, use_cache=use_cache)
+
+
 def default_lock_dir() -> Path:
     """Lock files for cache isolation: beside the digest index (``$STAMP_CACHE_DIR/locks``)."""
     return default_index_dir().parent / "locks"
@@ -103,7 +170,7 @@ def content_cache_policy(
     locks = Path(lock_dir) if lock_dir is not None else default_lock_dir()  # created on first lock
     return policy.configure(
         isolation_level="SERIALIZABLE",
-        lock_manager=FileSystemLockManager(lock_files_directory=locks),
+        lock_manager=ProcessAwareLockManager(lock_files_directory=locks),
     )
 
 

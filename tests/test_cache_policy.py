@@ -75,3 +75,33 @@ def test_two_processes_compute_once(tmp_path: Path, prefect_api: str) -> None:
         assert p.returncode == 0, stderr[-2000:]
         assert stdout.strip().splitlines()[-1] == str(out)
     assert _executions(counter) == 1, "two processes with the same key must compute once"
+
+
+@pytest.mark.timeout(240)
+def test_lock_of_killed_process_does_not_block(tmp_path: Path, prefect_api: str) -> None:
+    """kill -9 while a task holds its cache lock; the next run must still compute (not hang)."""
+    import time
+
+    from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH
+
+    from tests.cache_probe import probe_flow
+
+    slide = tmp_path / "slide.svs"
+    slide.write_bytes(os.urandom(50_000))
+    out, counter = tmp_path / "out.txt", tmp_path / "count.txt"
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": prefect_api,
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(PREFECT_RESULTS_LOCAL_STORAGE_PATH.value()),
+        "PYTHONPATH": str(REPO_ROOT),
+    }
+    cmd = [sys.executable, "-m", "tests.cache_probe", str(slide), "256", str(out), str(counter), "120"]
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while _executions(counter) == 0 and time.monotonic() < deadline:
+        time.sleep(0.2)  # the task body has started: the lock is held
+    assert _executions(counter) == 1
+    proc.kill()
+    proc.wait()
+    assert probe_flow(str(slide), 256.0, str(out), str(counter)) == str(out)
+    assert _executions(counter) == 2
