@@ -7,10 +7,10 @@ from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_table_artifact
-from stamp_tasks.cache import run_ensuring_outputs
-from stamp_tasks.synth import cohort_outputs, write_synthetic_cohort
 
 from stamp.logs import logger
+from stamp_tasks.cache import run_ensuring_outputs
+from stamp_tasks.synth import cohort_outputs, write_synthetic_cohort
 
 
 @flow(name="synth", log_prints=False)

@@ -194,7 +194,7 @@ class PreprocessingConfig(_Section):
     brightness_cutoff: int | None = Field(default=240, gt=0, lt=255)
     canny_cutoff: float | None = Field(default=0.02, gt=0, lt=1)
     # ---- our additions; the defaults keep STAMP's behaviour
-    reader: Literal["auto", "openslide", "tifffile"] = "auto"
+    reader: Literal["auto", "openslide", "tifffile", "fast"] = "auto"
     tissue_method: Literal["stamp", "otsu"] = "stamp"
     min_tissue_fraction: float = Field(default=0.1, ge=0, le=1)
     stain_norm: Literal["macenko", "reinhard"] | None = None

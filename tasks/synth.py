@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
-from stamp_tasks.cache import content_cache_policy
 
 import stamp
 from stamp.hashing import code_hash
 from stamp.synthetic import synth_command
+from stamp_tasks.cache import content_cache_policy
 
 SYNTH_CODE_VERSION = code_hash(Path(stamp.__file__).parent.glob("synthetic*.py"))[:16]
 SYNTH_CACHE = content_cache_policy(SYNTH_CODE_VERSION, content_args=())

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from prefect import flow, task
+
 from stamp_tasks.cache import content_cache_policy, run_ensuring_outputs
 
 POLICY = content_cache_policy(
