@@ -1,0 +1,64 @@
+"""Tile encoders: a registry of STAMP's 19 extractors (+ ``empty`` and the weight-free ``demo``),
+verified weight loading and batched feature extraction.
+
+Importing this package is cheap (no torch); :func:`load_encoder` and :class:`Encoder`
+import torch on first use.
+
+>>> from stamp.encoders import encoder_table, load_encoder
+>>> print(encoder_table())  # doctest: +SKIP
+>>> enc = load_encoder("uni", weights_dir="/weights")  # doctest: +SKIP
+>>> feats = enc.encode(tiles_uint8)  # (N, 1024) float16  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from stamp.encoders.errors import (
+    EncoderError,
+    MissingExtraError,
+    UnknownEncoderError,
+    WeightsDigestError,
+    WeightsNotFoundError,
+    WeightsUnverifiedError,
+)
+from stamp.encoders.registry import (
+    ENCODERS,
+    STAMP_ENCODER_NAMES,
+    EncoderSpec,
+    InputSpec,
+    WeightsSource,
+    build_architecture,
+    encoder_table,
+    get_spec,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from stamp.encoders.loading import Encoder, load_encoder
+
+__all__ = [
+    "ENCODERS",
+    "STAMP_ENCODER_NAMES",
+    "Encoder",
+    "EncoderError",
+    "EncoderSpec",
+    "InputSpec",
+    "MissingExtraError",
+    "UnknownEncoderError",
+    "WeightsDigestError",
+    "WeightsNotFoundError",
+    "WeightsSource",
+    "WeightsUnverifiedError",
+    "build_architecture",
+    "encoder_table",
+    "get_spec",
+    "load_encoder",
+]
+
+
+def __getattr__(name: str) -> Any:  # lazy: keep `import stamp.encoders` free of torch
+    if name in ("Encoder", "load_encoder"):
+        from stamp.encoders import loading
+
+        return getattr(loading, name)
+    raise AttributeError(f"module 'stamp.encoders' has no attribute {name!r}")

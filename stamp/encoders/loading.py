@@ -1,0 +1,243 @@
+"""Load an encoder (architecture + verified weights) and run it on uint8 tile batches.
+
+``load_encoder(name)`` builds the network, resolves its weight files locally
+(:mod:`stamp.encoders.weights`), checks their sha256 against the lock, loads the state
+dict (safetensors, or ``torch.load(weights_only=True)``), and returns an
+:class:`Encoder` in eval mode on the requested device.
+
+``Encoder.encode`` runs batched under ``torch.inference_mode``; autocast to the
+encoder's precision is used on CUDA only (bf16 autocast on a CPU without native bf16
+is 10-30x slower than fp32), and features come back as float16 (STAMP's storage).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import hashlib
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from stamp.encoders.registry import EncoderSpec, get_family, get_spec
+from stamp.encoders.transforms import to_model_input
+from stamp.encoders.weights import Lock, combined_digest, load_lock, resolve_weights, verify_files
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def read_state_dict(path: str | os.PathLike[str], *, trusted: bool = False) -> dict[str, Any]:
+    """Read a checkpoint: safetensors directly, pickles with ``weights_only=True``.
+
+    ``trusted=True`` (the file's sha256 matched a locked digest) allows falling back
+    to a full unpickle for old checkpoints that hold non-tensor objects; an
+    unverified file is never fully unpickled.
+    """
+    p = Path(path)
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(p), device="cpu")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError and friends
+        if not trusted:
+            raise ValueError(
+                f"cannot read {p} with weights_only=True ({type(e).__name__}: {e}); "
+                "a full unpickle is only allowed for files whose sha256 is pinned in the weights lock"
+            ) from e
+        log.warning("reading %s with weights_only=False (its sha256 matched the lock)", p)
+        return torch.load(p, map_location="cpu", weights_only=False)
+
+
+def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    """``load_state_dict(strict=True)`` with a one-line error naming what did not match."""
+    missing, unexpected = model.load_state_dict(dict(state), strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{what}: state dict does not match the architecture "
+            f"(missing {len(missing)}: {missing[:5]}, unexpected {len(unexpected)}: {unexpected[:5]})"
+        )
+
+
+class Encoder:
+    """A loaded tile encoder: ``encode(uint8 tiles) -> float16 features``."""
+
+    def __init__(
+        self,
+        spec: EncoderSpec,
+        model: nn.Module,
+        *,
+        device: torch.device,
+        weights_sha256: str,
+        file_digests: Mapping[str, Mapping[str, str]] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.dim = spec.dim
+        self.model = model
+        self.device = device
+        self.precision = spec.precision
+        self.weights_sha256 = weights_sha256
+        self.file_digests = dict(file_digests or {})
+
+    def __repr__(self) -> str:
+        return f"Encoder({self.name!r}, dim={self.dim}, device={self.device}, weights_sha256={self.weights_sha256[:12]}…)"
+
+    @property
+    def research_use(self) -> bool:
+        return self.spec.research_use
+
+    @property
+    def preferred_batch_size(self) -> int:
+        """A batch size that keeps the device busy without exhausting memory (tunable by the caller)."""
+        if self.dim == 0:
+            return 1024
+        if self.spec.builder == "native" and self.spec.family == "demo":
+            return 256
+        n = self.spec.n_params or 0
+        px = self.spec.input.out_px or self.spec.tile_px
+        if self.device.type == "cuda":
+            base = 512 if n < 100e6 else 256 if n < 700e6 else 128
+            return max(16, int(base * (224 / px) ** 2))
+        return 32 if n < 100e6 else 16
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """Autocast to the spec's precision on CUDA; a no-op elsewhere (and for fp32)."""
+        if self.device.type == "cuda" and self.precision != "fp32":
+            return torch.autocast("cuda", dtype=_DTYPES[self.precision])
+        return contextlib.nullcontext()
+
+    def preprocess(self, tiles: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, H, W, 3) on any device -> normalised float (N, 3, h, w) on the encoder's device."""
+        return to_model_input(tiles, self.spec.input, self.device)
+
+    def forward_uint8(self, tiles: torch.Tensor) -> torch.Tensor:
+        """Features of one batch as a float16 tensor on the encoder's device (no host copy)."""
+        with torch.inference_mode():
+            if self.dim == 0:
+                return torch.zeros((tiles.shape[0], 0), dtype=torch.float16, device=self.device)
+            x = self.preprocess(tiles)
+            with self.autocast():
+                y = self.model(x)
+            if y.shape[-1] != self.dim:
+                raise RuntimeError(
+                    f"encoder {self.name!r} produced {y.shape[-1]} features, declared {self.dim}"
+                )
+            return y.float().to(torch.float16)
+
+    def iter_batches(self, tiles: np.ndarray, batch_size: int) -> Iterator[torch.Tensor]:
+        for i in range(0, len(tiles), batch_size):
+            chunk = torch.from_numpy(np.ascontiguousarray(tiles[i : i + batch_size]))
+            if self.device.type == "cuda":
+                chunk = chunk.pin_memory()
+            yield chunk
+
+    def encode(self, tiles: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+        """Features of uint8 tiles (N, H, W, 3) as float16 (N, dim)."""
+        tiles = np.asarray(tiles)
+        if tiles.dtype != np.uint8 or tiles.ndim != 4 or tiles.shape[-1] != 3:
+            raise ValueError(f"tiles must be uint8 with shape (N, H, W, 3), got {tiles.dtype} {tiles.shape}")
+        if len(tiles) == 0:
+            return np.zeros((0, self.dim), dtype=np.float16)
+        bs = batch_size or self.preferred_batch_size
+        out = [self.forward_uint8(b).cpu().numpy() for b in self.iter_batches(tiles, bs)]
+        return np.concatenate(out, axis=0)
+
+    __call__ = encode
+
+
+def _weightless_digest(spec: EncoderSpec) -> str:
+    """Digest of a weight-free encoder: its name and code version (stands in for a weights sha256)."""
+    version = spec.timm_kwargs.get("feature_version", 1)
+    return hashlib.sha256(f"weight-free:{spec.name}:v{version}".encode()).hexdigest()
+
+
+def load_encoder(
+    name: str,
+    *,
+    weights_dir: str | os.PathLike[str] | None = None,
+    device: str | torch.device = "cpu",
+    lock: Lock | Mapping[str, Any] | str | os.PathLike[str] | None = None,
+    strict: bool = False,
+    hf_cache_dir: str | os.PathLike[str] | None = None,
+    precision: str | None = None,
+) -> Encoder:
+    """Build ``name``, load and verify its weights, and return it in eval mode on ``device``.
+
+    Weights are looked up locally only (``weights_dir/<name>/``, then the HF cache at
+    the pinned revision); a missing file raises
+    :class:`~stamp.encoders.errors.WeightsNotFoundError` with the command that fetches
+    it, a digest mismatch :class:`~stamp.encoders.errors.WeightsDigestError`.
+    ``strict=True`` also refuses files the lock has no digest for. ``precision``
+    overrides the spec's autocast precision on CUDA (``"fp32"``: no autocast, STAMP's
+    own setting, for bit-level parity with STAMP features).
+    """
+    spec = get_spec(name)
+    fam = get_family(name)
+    dev = torch.device(device)
+    locks = load_lock(lock)
+
+    # resolve and verify everything before the (slow) build: fail fast on missing weights
+    resolved: dict[str, dict[str, Path]] = {}
+    digests: dict[str, dict[str, str]] = {}
+    for part in (*spec.components, spec.name):
+        pspec = get_spec(part)
+        if pspec.weights is None:
+            continue
+        files = resolve_weights(pspec, weights_dir, lock=locks, hf_cache_dir=hf_cache_dir)
+        digests[part] = verify_files(pspec, files, lock=locks, strict=strict)
+        resolved[part] = files
+
+    trusted = {p: {fn for fn, sha in digests[p].items() if locks[p].files.get(fn) == sha} for p in digests}
+    paths = {
+        f"{p}/{fn}" if p != spec.name else fn: path for p, fs in resolved.items() for fn, path in fs.items()
+    }
+    with _trusted_files({str(resolved[p][fn]) for p in trusted for fn in trusted[p]}):
+        if fam.load is not None:  # vendor code builds the network from its own files
+            model = fam.load(spec, paths)
+        else:
+            # build directly on the accelerator (random init of a 1B-parameter ViT is slow on CPU)
+            with dev if dev.type == "cuda" else contextlib.nullcontext():
+                model = fam.build(spec)
+            if resolved:
+                if fam.load_weights is None:
+                    raise RuntimeError(f"encoder {name!r} declares weights but its family has no loader")
+                fam.load_weights(model, paths, spec)
+    wdigest = combined_digest(digests) if resolved else _weightless_digest(spec)
+    model.eval().requires_grad_(False)
+    model.to(dev)
+    enc = Encoder(spec, model, device=dev, weights_sha256=wdigest, file_digests=digests)
+    if precision is not None:
+        if precision not in _DTYPES:
+            raise ValueError(f"precision must be one of {sorted(_DTYPES)}, not {precision!r}")
+        enc.precision = precision  # type: ignore[assignment]
+    return enc
+
+
+_TRUSTED: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
+    "stamp_trusted_weights", default=frozenset()
+)
+
+
+@contextlib.contextmanager
+def _trusted_files(paths: set[str]) -> Iterator[None]:
+    """Within this context :func:`read_trusted` knows which paths matched a locked digest."""
+    token = _TRUSTED.set(frozenset(paths))
+    try:
+        yield
+    finally:
+        _TRUSTED.reset(token)
+
+
+def read_trusted(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """:func:`read_state_dict` for family loaders: full unpickle only if the file's digest was locked."""
+    return read_state_dict(path, trusted=str(path) in _TRUSTED.get())
