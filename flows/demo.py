@@ -14,13 +14,13 @@ from typing import Any
 import yaml
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
-from stamp_flows.synth import synth_flow
 
 from stamp.config import dump_config, load_config
 from stamp.logs import logger
+from stamp_flows.preprocess import run_preprocess
+from stamp_flows.synth import synth_flow
 
 NOT_BUILT = {
-    "preprocess": 3,
     "train / crossval / deploy": 4,
     "statistics / heatmaps": 5,
     "cohort flow, watch trigger, work pools, images": 6,
@@ -28,7 +28,7 @@ NOT_BUILT = {
 
 
 def demo_config(out: Path, cohort: dict[str, Any]) -> dict[str, Any]:
-    """The STAMP config (as a dict) that points every built stage at the synthetic cohort."""
+    """The STAMP config (as a dict) that points every built stage at the synthetic cohort."""  # noqa: D401
     return {
         "preprocessing": {
             "output_dir": str(out / "features"),
@@ -63,11 +63,20 @@ def demo_flow(out: str = "stamp-demo", patients: int = 12, seed: int = 0) -> str
     cohort = synth_flow(out=str(root / "cohort"), patients=patients, seed=seed)
     timings["synthetic cohort"] = time.perf_counter() - t0
     config_path = write_demo_config(str(root), cohort)
+    cfg = load_config(config_path)
+
+    t1 = time.perf_counter()
+    assert cfg.preprocessing is not None
+    pre = run_preprocess(cfg.preprocessing, cfg.orchestration.task_concurrency)
+    timings["preprocess"] = time.perf_counter() - t1
+    kept = sum(int(r["tiles_kept"] or 0) for r in pre["rows"])
+    statuses = ", ".join(f"{n} {s}" for s, n in pre["counts"].items() if n)
 
     lines = [
         "STAMP demo on the synthetic cohort",
-        f"  cohort:  {cohort['root']}  ({len(cohort['slides'])} slides; tables clini.csv, slide.csv)",
-        f"  config:  {config_path}  (use it with: stamp -c {config_path} <command>)",
+        f"  cohort:     {cohort['root']}  ({len(cohort['slides'])} slides; tables clini.csv, slide.csv)",
+        f"  config:     {config_path}  (use it with: stamp -c {config_path} <command>)",
+        f"  features:   {pre['feature_dir']}  ({statuses}; {kept} tiles; encoder 'demo', not for research use)",
         "  time per stage:",
         *(f"    {name:24s} {secs:6.1f} s" for name, secs in timings.items()),
         f"    {'total':24s} {time.perf_counter() - t0:6.1f} s",

@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 
 # STAMP's commands, with what each does (in our words), and the issue that builds it.
-STAGE_COMMANDS: dict[str, tuple[str, int]] = {
+STAGE_COMMANDS: dict[str, tuple[str, int | None]] = {
     "preprocess": ("Tile whole-slide images, reject background and extract tile features (h5 per slide)", 3),
-    "encode_slides": ("Turn tile features into one embedding per slide with a slide encoder", 3),
-    "encode_patients": ("Turn all tile features of a patient into one patient embedding", 3),
+    "encode_slides": ("Turn tile features into one embedding per slide with a slide encoder", None),
+    "encode_patients": ("Turn all tile features of a patient into one patient embedding", None),
     "train": ("Train one MIL model on all patients (inner validation split for early stopping)", 4),
     "crossval": ("Train and evaluate MIL models with patient-level k-fold cross-validation", 4),
     "deploy": ("Predict an external cohort with one or more trained models", 4),
@@ -22,6 +22,7 @@ STAGE_COMMANDS: dict[str, tuple[str, int]] = {
     "heatmaps": ("Draw relevance heatmaps and top/bottom tiles for a trained model", 5),
 }
 EXIT_NOT_BUILT = 2
+BUILT_STAGES = frozenset({"preprocess"})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("init", help="Write a commented template config to --config (never overwrites)")
     sub.add_parser("config", help="Validate the config and print it as YAML")
     for name, (text, _issue) in STAGE_COMMANDS.items():
-        sub.add_parser(name, help=text)
+        stage = sub.add_parser(name, help=text)
+        if name == "preprocess":
+            stage.add_argument(
+                "--list-encoders", action="store_true", help="print the encoder table and exit"
+            )
+    sub.add_parser("encoders", help="List the tile encoders: dims, tile size, mpp, weights, licence, gating")
 
     synth = sub.add_parser("synth", help="Write a synthetic slide cohort with a planted biomarker")
     synth.add_argument("--out", type=Path, required=True, help="output folder")
@@ -160,11 +166,50 @@ def _cmd_server(args: argparse.Namespace) -> int:
     return serve_foreground(target.home, port=args.port)
 
 
+def _start_stage(args: argparse.Namespace, section: str):  # noqa: ANN202
+    """Load the config, log to ``<output_dir>/logfile.log`` and log the section (STAMP-style)."""
+    from stamp.config import require_section, section_yaml
+    from stamp.logs import add_file_log, logger
+
+    cfg = _load(args.config)
+    sec = require_section(cfg, section)
+    add_file_log(Path(sec.output_dir))
+    logger.info(
+        "stamp %s with %s, section %s:\n%s", args.command, args.config, section, section_yaml(cfg, section)
+    )
+    return cfg, sec
+
+
+def _cmd_encoders(args: argparse.Namespace) -> int:
+    from stamp.encoders import encoder_table
+
+    print(encoder_table())
+    return 0
+
+
+def _cmd_preprocess(args: argparse.Namespace) -> int:
+    if args.list_encoders:
+        return _cmd_encoders(args)
+    from stamp.logs import logger
+
+    cfg, sec = _start_stage(args, "preprocessing")
+    target = _configure_prefect(args, cfg)
+    logger.info(target.describe())
+    from stamp_flows.preprocess import run_preprocess, summary_line
+
+    result = run_preprocess(sec, cfg.orchestration.task_concurrency)
+    for row in result["rows"]:
+        if row["status"] in ("failed", "skipped"):
+            print(f"  {row['status']}: {row['slide']}: {row['reason']}")
+    print(summary_line(result))
+    return 1 if result["counts"]["failed"] else 0
+
+
 def _cmd_stage(args: argparse.Namespace) -> int:
-    text, issue = STAGE_COMMANDS[args.command]
+    _text, issue = STAGE_COMMANDS[args.command]
+    tracked = f"tracked in issue #{issue}" if issue else "no issue filed for it yet"
     return _fail(
-        f"{args.command}: this stage is not built yet (tracked in issue #{issue}); nothing was written.",
-        EXIT_NOT_BUILT,
+        f"{args.command}: this stage is not built yet ({tracked}); nothing was written.", EXIT_NOT_BUILT
     )
 
 
@@ -174,11 +219,14 @@ HANDLERS = {
     "synth": _cmd_synth,
     "demo": _cmd_demo,
     "server": _cmd_server,
+    "encoders": _cmd_encoders,
+    "preprocess": _cmd_preprocess,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``stamp`` console script; returns the exit status."""
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -1,0 +1,231 @@
+"""``stamp preprocess``: one Prefect task per slide, cached on slide content + parameters.
+
+Slides go in a per-process shuffled order (like STAMP) so several runs on one output
+folder mostly work on different slides; a slide another run is writing is reported as
+skipped, a slide another run has finished comes from the shared cache. The run ends
+with an artifact table, ``summary.md`` in the feature folder and per-status counts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.futures import PrefectFuture, wait
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from stamp.config import PreprocessingConfig, resolve_device
+from stamp.logs import logger
+from stamp.preprocess import PreprocessParams, SlideFailed, output_paths
+from stamp.slidelock import SlideLocked
+from stamp.slides import TilingParams, find_slides
+from stamp_tasks.preprocess import PREPROCESS_CODE_VERSION, get_encoder, preprocess_slide
+
+
+class _NoTracebackForSlideFailures(logging.Filter):
+    """A slide that cannot be processed is an expected outcome: log its one-line reason only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], (SlideFailed, SlideLocked)):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+logging.getLogger("prefect.task_runs").addFilter(_NoTracebackForSlideFailures())
+
+TABLE_COLUMNS = (
+    "slide",
+    "status",
+    "reason",
+    "mpp",
+    "mpp_effective",
+    "tiles_kept",
+    "tiles_rejected",
+    "seconds",
+)
+
+
+def feature_dir(cfg: PreprocessingConfig) -> Path:
+    """``<output_dir>/<extractor>-<code hash 8>`` (STAMP's layout), or without hash if disabled."""
+    name = f"{cfg.extractor}-{PREPROCESS_CODE_VERSION[:8]}" if cfg.generate_hash else cfg.extractor
+    return Path(cfg.output_dir) / name
+
+
+def h5_path_for(slide: Path, wsi_dir: Path, feat_dir: Path) -> Path:
+    """Mirror the slide's path under ``wsi_dir`` inside ``feat_dir``, with suffix ``.h5``."""
+    try:
+        rel = slide.resolve().relative_to(wsi_dir.resolve())
+    except ValueError:
+        rel = Path(slide.name)
+    return feat_dir / rel.with_suffix(".h5")
+
+
+def params_from_config(cfg: PreprocessingConfig) -> PreprocessParams:
+    """The preprocessing parameters a config section asks for."""
+    tiling = TilingParams(
+        tile_size_um=cfg.tile_size_um,
+        tile_size_px=cfg.tile_size_px,
+        brightness_cutoff=cfg.brightness_cutoff,
+        canny_cutoff=cfg.canny_cutoff,
+        tissue_method=cfg.tissue_method,
+        min_tissue_fraction=cfg.min_tissue_fraction,
+        max_workers=cfg.max_workers,
+    )
+    return PreprocessParams(
+        extractor=cfg.extractor,
+        tiling=tiling,
+        reader=cfg.reader,
+        default_slide_mpp=cfg.default_slide_mpp,
+        stain_norm=cfg.stain_norm,
+        batch_size=cfg.batch_size,
+    )
+
+
+def _place(report: dict[str, Any], h5: Path) -> None:
+    """Make a cached result's files appear at this run's paths (moved slide or output folder)."""
+    src = Path(report["h5"])
+    if src == h5:
+        return
+    for kind, dst in output_paths(h5).items():
+        origin = output_paths(src)[kind]
+        if not origin.exists() or dst.exists():
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+        try:
+            os.link(origin, tmp)
+        except OSError:
+            shutil.copy2(origin, tmp)
+        os.replace(tmp, dst)
+    report["h5"] = str(h5)
+
+
+def _row(
+    slide: Path, wsi_dir: Path, status: str, report: dict[str, Any] | None, reason: str = ""
+) -> dict[str, Any]:
+    try:
+        name = str(slide.resolve().relative_to(wsi_dir.resolve()))
+    except ValueError:
+        name = slide.name
+    r = report or {}
+    rejected = int(r.get("rejected_background", 0)) + int(r.get("rejected_canny", 0))
+    return {
+        "slide": name,
+        "status": status,
+        "reason": reason,
+        "mpp": r.get("mpp"),
+        "mpp_effective": round(r["mpp_effective"], 4) if r.get("mpp_effective") else None,
+        "tiles_kept": r.get("tiles_kept", 0),
+        "tiles_rejected": rejected,
+        "seconds": round(float(r.get("seconds", 0.0)), 2),
+    }
+
+
+def _reason(exc: BaseException, slide: Path) -> str:
+    """The exception's first line without a leading ``<slide name>: `` (the table names the slide)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text.removeprefix(f"{slide.name}: ")
+
+
+def _collect(future: PrefectFuture[Any], slide: Path, wsi_dir: Path, h5: Path, submit: Any) -> dict[str, Any]:
+    state = future.state
+    if state.is_completed():
+        report = future.result()
+        if not Path(report["h5"]).exists():  # cached result whose file was deleted: run it again
+            future = submit(refresh=True)
+            future.wait()
+            return _collect(future, slide, wsi_dir, h5, submit)
+        _place(report, h5)
+        return _row(slide, wsi_dir, "cached" if state.name == "Cached" else "done", report)
+    try:
+        future.result()
+    except Exception as exc:
+        status = "skipped" if "being processed by" in str(exc) else "failed"
+        return _row(slide, wsi_dir, status, None, _reason(exc, slide))
+    return _row(slide, wsi_dir, "failed", None, f"task ended in state {state.name}")
+
+
+def _cell(value: Any) -> str:
+    return "" if value is None else str(value).replace("|", "/")
+
+
+def _summary_md(rows: list[dict[str, Any]], counts: dict[str, int], feat_dir: Path) -> str:
+    head = "| " + " | ".join(TABLE_COLUMNS) + " |\n|" + "---|" * len(TABLE_COLUMNS) + "\n"
+    body = "".join("| " + " | ".join(_cell(r.get(c)) for c in TABLE_COLUMNS) + " |\n" for r in rows)
+    totals = ", ".join(f"{n} {s}" for s, n in counts.items())
+    return f"# preprocess summary\n\nfeatures: `{feat_dir}`\n\n{totals}\n\n{head}{body}"
+
+
+@flow(name="preprocess", task_runner=ThreadPoolTaskRunner(max_workers=2))
+def preprocess_flow(config: dict[str, Any]) -> dict[str, Any]:
+    """Preprocess every slide of a ``preprocessing`` config section (given as a dict)."""
+    cfg = PreprocessingConfig.model_validate(config)
+    start = time.perf_counter()
+    wsi_dir = Path(cfg.wsi_dir)
+    slides = find_slides(wsi_dir, cfg.wsi_list)
+    random.Random().shuffle(slides)  # system entropy: concurrent runs start on different slides
+    feat_dir = feature_dir(cfg)
+    device = resolve_device(cfg.device)
+    encoder = get_encoder(cfg.extractor, str(cfg.weights_dir) if cfg.weights_dir else None, device)
+    if not encoder.spec.research_use:
+        logger.warning("extractor %r is NOT for research use (demo/testing only)", cfg.extractor)
+    params = params_from_config(cfg)
+    run = {
+        "weights_dir": str(cfg.weights_dir) if cfg.weights_dir else None,
+        "device": device,
+        "batch_size": cfg.batch_size,
+        "max_workers": cfg.max_workers,
+    }
+    logger.info("preprocess: %d slides → %s (encoder %s on %s)", len(slides), feat_dir, cfg.extractor, device)
+
+    jobs = []
+    for slide in slides:
+        h5 = h5_path_for(slide, wsi_dir, feat_dir)
+
+        def submit(refresh: bool = False, slide: Path = slide, h5: Path = h5) -> PrefectFuture[Any]:
+            task = preprocess_slide.with_options(
+                task_run_name=f"preprocess-{slide.name}", refresh_cache=refresh
+            )
+            return task.submit(str(slide), str(h5), params.cache_params(), encoder.weights_sha256, run)
+
+        jobs.append((slide, h5, submit, submit()))
+    wait([job[3] for job in jobs])
+    rows = []
+    for i, (slide, h5, submit, future) in enumerate(jobs, 1):
+        row = _collect(future, slide, wsi_dir, h5, submit)
+        rows.append(row)
+        logger.info("[%d/%d] %s: %s %s", i, len(jobs), row["slide"], row["status"], row["reason"])
+    rows.sort(key=lambda r: r["slide"])
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "cached", "skipped", "failed")}
+    feat_dir.mkdir(parents=True, exist_ok=True)
+    summary = _summary_md(rows, counts, feat_dir)
+    tmp = feat_dir / ".summary.md.tmp"
+    tmp.write_text(summary)
+    tmp.replace(feat_dir / "summary.md")
+    create_table_artifact(key="preprocess-slides", table=rows, description=f"features in {feat_dir}")
+    create_markdown_artifact(key="preprocess-summary", markdown=summary)
+    return {
+        "feature_dir": str(feat_dir),
+        "rows": rows,
+        "counts": counts,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def run_preprocess(cfg: PreprocessingConfig, task_concurrency: int) -> dict[str, Any]:
+    """Run :func:`preprocess_flow` with ``task_concurrency`` slides at a time."""
+    runner = ThreadPoolTaskRunner(max_workers=task_concurrency)
+    return preprocess_flow.with_options(task_runner=runner)(config=cfg.model_dump(mode="json"))
+
+
+def summary_line(result: dict[str, Any]) -> str:
+    """One line for the terminal: counts per status and where the features are."""
+    counts = ", ".join(f"{n} {s}" for s, n in result["counts"].items() if n)
+    return f"preprocess: {counts or 'no slides'} in {result['seconds']:.1f} s → {result['feature_dir']}"

@@ -1,0 +1,306 @@
+"""One slide → tissue tiles → tile features → STAMP h5 (plus QC files); no Prefect here.
+
+:func:`extract_slide` is the whole per-slide stage. Tiles come from a reader thread pool
+(:mod:`stamp.slides.tiling`) through a prefetch thread, so the encoder works on full
+batches while the next supertiles are being read. Tiles reach the encoder in the plan's
+order and in fixed-size batches, so features (and the h5 bytes) do not depend on thread
+timing. Outputs are written to temp names and renamed: the h5 last, as the marker of a
+finished slide.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import cv2
+import numpy as np
+
+import stamp
+from stamp.features import write_tile_features
+from stamp.hashing import code_hash
+from stamp.logs import logger
+from stamp.slides import (
+    SlideError,
+    TilePlan,
+    TilingParams,
+    iter_tile_batches,
+    open_slide,
+    plan_tiles,
+    resolve_mpp,
+)
+from stamp.slides.qc import write_rejection_thumbnail, write_tissue_geojson
+from stamp.slides.readers import SlideReader
+
+_PKG = Path(stamp.__file__).parent
+
+
+def preprocessing_code_hash() -> str:
+    """sha256 over the code that decides preprocessing outputs (slides, encoders, h5, this module)."""
+    files = [*(_PKG / "slides").glob("*.py"), *(_PKG / "encoders").glob("*.py")]
+    files += [_PKG / "preprocess.py", _PKG / "features.py"]
+    return code_hash(files)
+
+
+class TileEncoder(Protocol):
+    """What :func:`extract_slide` needs from an encoder (see :class:`stamp.encoders.Encoder`)."""
+
+    name: str
+    dim: int
+    weights_sha256: str
+
+    def encode(self, tiles: np.ndarray, batch_size: int | None = None) -> np.ndarray: ...
+
+
+class SlideFailed(Exception):
+    """A slide that cannot be processed; ``reason`` is one line for the run summary."""
+
+    def __init__(self, slide: Path | str, reason: str) -> None:
+        super().__init__(f"{Path(slide).name}: {reason}")
+        self.slide, self.reason = str(slide), reason
+
+
+@dataclass(frozen=True)
+class PreprocessParams:
+    """Everything that decides a slide's features, plus how to run (workers, batch, device)."""
+
+    extractor: str
+    tiling: TilingParams = field(default_factory=TilingParams)
+    reader: str = "auto"
+    default_slide_mpp: float | None = None
+    stain_norm: str | None = None
+    batch_size: int = 64
+
+    def cache_params(self) -> dict[str, Any]:
+        """The parameters that change outputs (cache key material; not workers/batch/device)."""
+        tiling = {k: v for k, v in asdict(self.tiling).items() if k not in ("max_workers",)}
+        return {
+            "extractor": self.extractor,
+            "tiling": tiling,
+            "reader": self.reader,
+            "default_slide_mpp": self.default_slide_mpp,
+            "stain_norm": self.stain_norm,
+        }
+
+    def digest(self) -> str:
+        """sha256 of :meth:`cache_params` (recorded as ``config_sha256`` in the h5)."""
+        return hashlib.sha256(
+            json.dumps(self.cache_params(), sort_keys=True, default=str).encode()
+        ).hexdigest()
+
+
+@dataclass
+class SlideReport:
+    """What happened to one slide (a row of the run's artifact table and summary)."""
+
+    slide: str
+    status: str = "done"
+    reason: str = ""
+    h5: str | None = None
+    seconds: float = 0.0
+    reader: str | None = None
+    mpp: float | None = None
+    mpp_source: str | None = None
+    mpp_effective: float | None = None
+    read_level: int | None = None
+    tiles_total: int = 0
+    tiles_kept: int = 0
+    rejected_background: int = 0
+    rejected_canny: int = 0
+    stain_norm: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain dict (JSON-friendly)."""
+        return asdict(self)
+
+
+def output_paths(h5_path: Path) -> dict[str, Path]:
+    """The files written for one slide: features, rejection thumbnail, tissue contours."""
+    return {
+        "h5": h5_path,
+        "thumbnail": h5_path.with_suffix(".jpg"),
+        "tissue_geojson": h5_path.with_name(h5_path.stem + ".tissue.geojson"),
+    }
+
+
+def sample_plan_tiles(reader: SlideReader, plan: TilePlan, n: int = 64) -> np.ndarray:
+    """A deterministic, evenly spread sample of up to ``n`` foreground tiles (for stain fitting)."""
+    rows, cols = np.nonzero(plan.candidates)
+    if len(rows) == 0:
+        return np.zeros((0, plan.tile_size_px, plan.tile_size_px, 3), np.uint8)
+    pick = np.unique(np.linspace(0, len(rows) - 1, min(n, len(rows))).round().astype(int))
+    side = max(1, round(plan.tile_px0 / plan.level_downsample))
+    out = []
+    for i in pick:
+        x0, y0 = int(cols[i] * plan.tile_px0), int(rows[i] * plan.tile_px0)
+        region = reader.read_region(x0, y0, plan.level, side, side)
+        out.append(cv2.resize(region, (plan.tile_size_px, plan.tile_size_px), interpolation=cv2.INTER_AREA))
+    return np.stack(out)
+
+
+_DONE = object()
+
+
+def _prefetch(batches: Iterator[Any], depth: int) -> Iterator[Any]:
+    """Run ``batches`` in a background thread, ``depth`` items ahead of the consumer."""
+    q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in batches:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(_DONE)
+        except BaseException as exc:  # handed to the consumer
+            q.put(exc)
+
+    thread = threading.Thread(target=produce, name="stamp-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+
+
+def _encode_stream(
+    batches: Iterator[Any], encoder: TileEncoder, batch_size: int, normalize: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """Encode a stream of TileBatch in fixed-size chunks; return (feats, coords) in stream order."""
+    feats: list[np.ndarray] = []
+    coords: list[np.ndarray] = []
+    buf_t: list[np.ndarray] = []
+    buf_c: list[np.ndarray] = []
+    buffered = 0
+
+    def flush(force: bool) -> None:
+        nonlocal buf_t, buf_c, buffered
+        if not buffered:
+            return
+        tiles, cs = np.concatenate(buf_t), np.concatenate(buf_c)
+        n = len(tiles) if force else (len(tiles) // batch_size) * batch_size
+        if n == 0:
+            return
+        chunk = normalize(tiles[:n]) if normalize is not None else tiles[:n]
+        feats.append(encoder.encode(chunk, batch_size=batch_size))
+        coords.append(cs[:n])
+        buf_t, buf_c, buffered = [tiles[n:]], [cs[n:]], len(tiles) - n
+
+    for batch in batches:
+        buf_t.append(batch.tiles)
+        buf_c.append(batch.coords_um)
+        buffered += len(batch)
+        if buffered >= batch_size:
+            flush(force=False)
+    flush(force=True)
+    if not feats:
+        return np.zeros((0, encoder.dim), np.float16), np.zeros((0, 2), np.float32)
+    return np.concatenate(feats), np.concatenate(coords)
+
+
+def extract_slide(
+    slide_path: Path,
+    h5_path: Path,
+    params: PreprocessParams,
+    encoder: TileEncoder,
+    *,
+    slide_sha256: str | None = None,
+    code_hash_hex: str | None = None,
+) -> SlideReport:
+    """Tile, filter, (stain-normalise,) encode one slide and write its h5 + QC files.
+
+    Raises :class:`SlideFailed` with a one-line reason for anything wrong with the slide
+    (unreadable, no mpp, no tissue, read error); nothing is left at ``h5_path`` then.
+    """
+    start = time.perf_counter()
+    report = SlideReport(slide=str(slide_path), stain_norm=params.stain_norm)
+    code = code_hash_hex or preprocessing_code_hash()
+    try:
+        reader = open_slide(slide_path, params.reader)
+    except SlideError as exc:
+        raise SlideFailed(slide_path, exc.reason) from exc
+    with reader:
+        report.reader = reader.name
+        try:
+            mpp, source = resolve_mpp(reader, params.default_slide_mpp)
+        except SlideError as exc:
+            raise SlideFailed(slide_path, exc.reason) from exc
+        report.mpp, report.mpp_source = mpp, source
+        plan = plan_tiles(reader, mpp, params.tiling)
+        report.mpp_effective, report.read_level = plan.mpp_effective, plan.level
+        normalize, stain_params = _stain(reader, plan, params, slide_path)
+        batches = iter_tile_batches(reader, plan, params.tiling)
+        try:
+            feats, coords = _encode_stream(_prefetch(batches, depth=4), encoder, params.batch_size, normalize)
+        except SlideError as exc:
+            raise SlideFailed(slide_path, exc.reason) from exc
+        finally:
+            batches.close()
+        stats = batches.stats
+        report.tiles_total, report.tiles_kept = stats.tiles_total, stats.kept
+        report.rejected_background, report.rejected_canny = stats.rejected_background, stats.rejected_canny
+        if len(coords) == 0:
+            raise SlideFailed(slide_path, stats.no_tissue_reason())
+        paths = output_paths(h5_path)
+        write_rejection_thumbnail(reader, plan, coords, paths["thumbnail"])
+        write_tissue_geojson(plan.tissue_mask, plan.thumb_downsample, paths["tissue_geojson"])
+    attrs: dict[str, Any] = {
+        "slide_sha256": slide_sha256,
+        "weights_sha256": encoder.weights_sha256,
+        "config_sha256": params.digest(),
+        "reader": report.reader,
+        "mpp_source": source,
+        "stain_norm": params.stain_norm or "none",
+        "stain_params": json.dumps(stain_params) if stain_params else None,
+        "stamp_orchestrated_version": stamp.__version__,
+        **{k: v for k, v in plan.describe().items() if k not in ("tile_size_um", "tile_size_px")},
+    }
+    write_tile_features(
+        h5_path,
+        feats,
+        coords,
+        extractor=encoder.name,
+        tile_size_um=params.tiling.tile_size_um,
+        tile_size_px=params.tiling.tile_size_px,
+        code_hash=code[:8],
+        extra_attrs=attrs,
+    )
+    report.h5 = str(h5_path)
+    report.seconds = time.perf_counter() - start
+    logger.debug("%s: %s → %s", slide_path.name, stats.summary(), h5_path)
+    return report
+
+
+def _stain(reader: SlideReader, plan: TilePlan, params: PreprocessParams, slide: Path) -> tuple[Any, Any]:
+    """Fit the slide's stain normaliser once (on a tile sample); return (transform fn, params)."""
+    if not params.stain_norm:
+        return None, None
+    from stamp.slides.stain import fit_slide_params, get_normalizer
+
+    normalizer = get_normalizer(params.stain_norm)
+    if normalizer is None:
+        return None, None
+    fitted = fit_slide_params(normalizer, sample_plan_tiles(reader, plan), slide=str(slide))
+    if fitted is None:  # too little tissue to fit: warned, features without normalisation
+        return None, None
+    return (lambda tiles: normalizer.transform(tiles, fitted)), fitted
