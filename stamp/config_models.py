@@ -32,6 +32,7 @@ __all__ = [
     "STAGE_NAMES",
     "TASKS",
     "AdvancedConfig",
+    "AbmilModelParams",
     "BarspoonModelParams",
     "CrossvalConfig",
     "DeploymentConfig",
@@ -81,7 +82,7 @@ ExtractorName = Literal[
 ]
 EncoderName = Literal["cobra", "eagle", "chief", "titan", "gigapath", "madeleine", "prism"]
 Task = Literal["classification", "regression", "survival"]
-ModelName = Literal["vit", "mlp", "trans_mil", "linear", "barspoon"]
+ModelName = Literal["vit", "mlp", "trans_mil", "linear", "barspoon", "abmil"]  # abmil: ours
 Accelerator = Literal["gpu", "cpu", "cuda", "mps", "auto"]
 StageName = Literal[
     "preprocess",
@@ -265,6 +266,13 @@ class TransMILModelParams(_Section):
     dim_hidden: int = Field(default=512, ge=1)
 
 
+class AbmilModelParams(_Section):
+    """``model_params.abmil`` (ours): gated-attention MIL (Ilse et al. 2018)."""
+
+    dim_hidden: int = Field(default=256, ge=1)
+    dropout: float = Field(default=0.25, ge=0, lt=1)
+
+
 class MlpModelParams(_Section):
     """``model_params.mlp``: the default slide/patient-level model."""
 
@@ -302,6 +310,7 @@ class ModelParams(_Section):
     mlp: MlpModelParams = Field(default_factory=MlpModelParams)
     linear: LinearModelParams = Field(default_factory=LinearModelParams)
     barspoon: BarspoonModelParams = Field(default_factory=BarspoonModelParams)
+    abmil: AbmilModelParams = Field(default_factory=AbmilModelParams)
 
     @field_validator("*", mode="before")
     @classmethod
