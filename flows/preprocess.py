@@ -14,12 +14,12 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import PrefectFuture, wait
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from stamp.config import PreprocessingConfig, resolve_device
 from stamp.logs import logger
@@ -163,7 +163,12 @@ def _summary_md(rows: list[dict[str, Any]], counts: dict[str, int], feat_dir: Pa
     return f"# preprocess summary\n\nfeatures: `{feat_dir}`\n\n{totals}\n\n{head}{body}"
 
 
-@flow(name="preprocess", task_runner=ThreadPoolTaskRunner(max_workers=2))
+def _thread_pool(max_workers: int) -> TaskRunner[PrefectFuture[Any]]:
+    """A ``ThreadPoolTaskRunner``, typed as ``flow`` expects (``TaskRunner`` is invariant in its future type)."""
+    return cast(TaskRunner[PrefectFuture[Any]], ThreadPoolTaskRunner(max_workers=max_workers))
+
+
+@flow(name="preprocess", task_runner=_thread_pool(2))
 def preprocess_flow(config: dict[str, Any]) -> dict[str, Any]:
     """Preprocess every slide of a ``preprocessing`` config section (given as a dict)."""
     cfg = PreprocessingConfig.model_validate(config)
@@ -221,8 +226,9 @@ def preprocess_flow(config: dict[str, Any]) -> dict[str, Any]:
 
 def run_preprocess(cfg: PreprocessingConfig, task_concurrency: int) -> dict[str, Any]:
     """Run :func:`preprocess_flow` with ``task_concurrency`` slides at a time."""
-    runner = ThreadPoolTaskRunner(max_workers=task_concurrency)
-    return preprocess_flow.with_options(task_runner=runner)(config=cfg.model_dump(mode="json"))
+    return preprocess_flow.with_options(task_runner=_thread_pool(task_concurrency))(
+        config=cfg.model_dump(mode="json")
+    )
 
 
 def summary_line(result: dict[str, Any]) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Protocol, cast
 
 # STAMP's commands, with what each does (in our words), and the issue that builds it.
 STAGE_COMMANDS: dict[str, tuple[str, int | None]] = {
@@ -166,13 +167,19 @@ def _cmd_server(args: argparse.Namespace) -> int:
     return serve_foreground(target.home, port=args.port)
 
 
+class _StageSection(Protocol):
+    """A config section of a stage that writes output (every such section has ``output_dir``)."""
+
+    output_dir: Path
+
+
 def _start_stage(args: argparse.Namespace, section: str):  # noqa: ANN202
     """Load the config, log to ``<output_dir>/logfile.log`` and log the section (STAMP-style)."""
     from stamp.config import require_section, section_yaml
     from stamp.logs import add_file_log, logger
 
     cfg = _load(args.config)
-    sec = require_section(cfg, section)
+    sec = cast(_StageSection, require_section(cfg, section))
     add_file_log(Path(sec.output_dir))
     logger.info(
         "stamp %s with %s, section %s:\n%s", args.command, args.config, section, section_yaml(cfg, section)

@@ -15,8 +15,9 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TypedDict
 
-from stamp.encoders.registry import EncoderSpec, Family, InputSpec, WeightsSource, register
+from stamp.encoders.registry import EncoderSpec, Family, InputSpec, Precision, WeightsSource, register
 
 
 @functools.cache
@@ -91,7 +92,24 @@ def load_weights(model, files: Mapping[str, Path], spec: EncoderSpec) -> None:
 
 FAMILY = Family(build=build, load_weights=load_weights)
 
-_COMMON = dict(
+
+class _CommonFields(TypedDict):
+    """The :class:`EncoderSpec` fields both CTransPath variants share."""
+
+    family: str
+    builder: str
+    timm_arch: str
+    dim: int
+    n_params: int
+    params_note: str
+    tile_px: int
+    mpp: float
+    precision: Precision
+    license: str
+    gated: bool
+
+
+_COMMON = _CommonFields(
     family="ctranspath",
     builder="native",
     timm_arch="swin_tiny_patch4_window7_224",

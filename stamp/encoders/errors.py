@@ -5,6 +5,7 @@ Each message is one line that names the encoder or file and says what to do.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -54,7 +55,9 @@ class WeightsNotFoundError(EncoderError, FileNotFoundError):
 class WeightsDigestError(EncoderError, ValueError):
     """A weight file whose sha256 differs from the lock: it is refused."""
 
-    def __init__(self, path: Path | str, expected: str, actual: str, name: str | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], expected: str, actual: str, name: str | None = None
+    ) -> None:
         self.path = Path(path)
         self.expected = expected
         self.actual = actual

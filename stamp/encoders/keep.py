@@ -12,10 +12,17 @@ import functools
 import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, cast
 
 from stamp.encoders.registry import EncoderSpec, Family, InputSpec, WeightsSource, register
 
-_VISION = {"img_size": 224, "patch_size": 16, "init_values": 1e-5, "num_classes": 0, "dynamic_img_size": True}
+_VISION: dict[str, Any] = {
+    "img_size": 224,
+    "patch_size": 16,
+    "init_values": 1e-5,
+    "num_classes": 0,
+    "dynamic_img_size": True,
+}
 _PROJECTION_DIM = 768
 
 
@@ -31,7 +38,7 @@ def _keep_class():
 
             self.visual = timm.create_model("vit_large_patch16_224", pretrained=False, **_VISION)
             self.visual_head = nn.Sequential(
-                nn.Linear(self.visual.num_features, projection_dim),
+                nn.Linear(cast(int, self.visual.num_features), projection_dim),
                 nn.GELU(),
                 nn.Linear(projection_dim, projection_dim),
             )

@@ -16,6 +16,7 @@ import functools
 import math
 from collections.abc import Mapping
 from pathlib import Path
+from typing import cast
 
 from stamp.encoders.registry import (
     HOPTIMUS_MEAN,
@@ -63,7 +64,8 @@ def _classes():
             b, n, d = x.shape
             split = lambda z: z.reshape(b, n, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
             q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-            bias = -self.slopes.to(x.dtype) * torch.cdist(coords, coords)[:, None].to(x.dtype)
+            slopes = cast(torch.Tensor, self.slopes)  # the buffer registered in __init__
+            bias = -slopes.to(x.dtype) * torch.cdist(coords, coords)[:, None].to(x.dtype)
             out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
             return self.proj(out.transpose(1, 2).reshape(b, n, d))
 

@@ -47,6 +47,7 @@ def build(spec: EncoderSpec):  # -> nn.Module
     import timm
     from torch import nn
 
+    assert spec.timm_arch is not None, f"encoder {spec.name!r}: the timm-vit family needs timm_arch"
     base = timm.create_model(spec.timm_arch, pretrained=False, **_timm_kwargs(spec))
     pool = spec.timm_kwargs.get("_pool", "default")
     if pool == "default":

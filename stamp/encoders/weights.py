@@ -118,6 +118,7 @@ def load_lock(lock: Lock | Mapping[str, Any] | str | os.PathLike[str] | None = N
         if not env:
             return base
         lock = env
+    mapping: Mapping[str, Any]
     if isinstance(lock, (str, os.PathLike)):
         path = Path(lock)
         try:
@@ -126,11 +127,13 @@ def load_lock(lock: Lock | Mapping[str, Any] | str | os.PathLike[str] | None = N
             raise FileNotFoundError(f"weights lock {path} does not exist (check {LOCK_ENV})") from None
         except ValueError as e:
             raise ValueError(f"weights lock {path} is not valid JSON: {e}") from None
-        lock = data
-    if all(isinstance(v, LockEntry) for v in lock.values()):
-        base.update(lock)  # type: ignore[arg-type]
+        mapping = data
+    else:
+        mapping = lock
+    if all(isinstance(v, LockEntry) for v in mapping.values()):
+        base.update(mapping)
         return base
-    data = dict(lock)
+    data = dict(mapping)
     if data.get("format", LOCK_FORMAT) != LOCK_FORMAT:
         raise ValueError(
             f"weights lock format {data.get('format')!r} is not supported (expected {LOCK_FORMAT})"
@@ -204,7 +207,9 @@ def _hf_cached(
         from huggingface_hub import try_to_load_from_cache
     except ImportError:  # pragma: no cover - huggingface_hub is a core dependency
         return None
-    found = try_to_load_from_cache(repo, filename, cache_dir=cache_dir, revision=revision)
+    found = try_to_load_from_cache(
+        repo, filename, cache_dir=os.fspath(cache_dir) if cache_dir is not None else None, revision=revision
+    )
     if isinstance(found, str) and Path(found).is_file():
         return Path(found)
     return None
