@@ -12,14 +12,16 @@ import logging
 import os
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, cast
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.futures import PrefectFuture, wait
+from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from tqdm import tqdm
 
 from stamp.config import PreprocessingConfig, resolve_device
 from stamp.logs import logger
@@ -135,6 +137,7 @@ def _reason(exc: BaseException, slide: Path) -> str:
 
 
 def _collect(future: PrefectFuture[Any], slide: Path, wsi_dir: Path, h5: Path, submit: Any) -> dict[str, Any]:
+    future.wait()  # also refreshes future.state
     state = future.state
     if state.is_completed():
         report = future.result()
@@ -181,6 +184,10 @@ def preprocess_flow(config: dict[str, Any]) -> dict[str, Any]:
     encoder = get_encoder(cfg.extractor, str(cfg.weights_dir) if cfg.weights_dir else None, device)
     if not encoder.spec.research_use:
         logger.warning("extractor %r is NOT for research use (demo/testing only)", cfg.extractor)
+    if cfg.cache_dir is not None:
+        logger.warning(
+            "preprocessing.cache_dir is accepted for STAMP compatibility but not used: tiles are not cached"
+        )
     params = params_from_config(cfg)
     run = {
         "weights_dir": str(cfg.weights_dir) if cfg.weights_dir else None,
@@ -201,12 +208,15 @@ def preprocess_flow(config: dict[str, Any]) -> dict[str, Any]:
             return task.submit(str(slide), str(h5), params.cache_params(), encoder.weights_sha256, run)
 
         jobs.append((slide, h5, submit, submit()))
-    wait([job[3] for job in jobs])
+    by_future = {job[3]: job for job in jobs}
     rows = []
-    for i, (slide, h5, submit, future) in enumerate(jobs, 1):
-        row = _collect(future, slide, wsi_dir, h5, submit)
-        rows.append(row)
-        logger.info("[%d/%d] %s: %s %s", i, len(jobs), row["slide"], row["status"], row["reason"])
+    with tqdm(total=len(jobs), desc="slides", unit="slide", disable=not sys.stderr.isatty()) as bar:
+        for i, future in enumerate(as_completed(list(by_future)), 1):
+            slide, h5, submit, _ = by_future[future]
+            row = _collect(future, slide, wsi_dir, h5, submit)
+            rows.append(row)
+            bar.update()
+            logger.info("[%d/%d] %s: %s %s", i, len(jobs), row["slide"], row["status"], row["reason"])
     rows.sort(key=lambda r: r["slide"])
     counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "cached", "skipped", "failed")}
     feat_dir.mkdir(parents=True, exist_ok=True)

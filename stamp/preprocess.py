@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import queue
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from typing import Any, Protocol
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 
 import stamp
 from stamp.features import write_tile_features
@@ -148,6 +150,13 @@ def sample_plan_tiles(reader: SlideReader, plan: TilePlan, n: int = 64) -> np.nd
 _DONE = object()
 
 
+def _counted(batches: Iterator[Any], bar: tqdm) -> Iterator[Any]:
+    """Pass batches through, advancing the per-slide progress bar by each supertile's candidates."""
+    for batch in batches:
+        bar.update(len(batch))
+        yield batch
+
+
 def _prefetch(batches: Iterator[Any], depth: int) -> Iterator[Any]:
     """Run ``batches`` in a background thread, ``depth`` items ahead of the consumer."""
     q: queue.Queue[Any] = queue.Queue(maxsize=depth)
@@ -251,7 +260,16 @@ def extract_slide(
         normalize, stain_params = _stain(reader, plan, params, slide_path)
         batches = iter_tile_batches(reader, plan, params.tiling)
         try:
-            feats, coords = _encode_stream(_prefetch(batches, depth=4), encoder, params.batch_size, normalize)
+            bar = tqdm(
+                total=plan.n_candidates,
+                desc=slide_path.name,
+                unit="tile",
+                leave=False,
+                disable=not sys.stderr.isatty(),
+            )
+            with bar:
+                stream = _prefetch(_counted(batches, bar), depth=4)
+                feats, coords = _encode_stream(stream, encoder, params.batch_size, normalize)
         except SlideError as exc:
             raise SlideFailed(slide_path, exc.reason) from exc
         finally:
