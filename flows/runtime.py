@@ -23,6 +23,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from stamp.fileio import pid_alive
+
 SERVER_FILE = "stamp-server.json"
 
 
@@ -60,16 +62,6 @@ def server_is_healthy(api_url: str, timeout: float = 1.0) -> bool:
         return False
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def running_local_server(home: Path) -> str | None:
     """API URL of a healthy server recorded by ``stamp server`` under ``home``, else None."""
     path = server_file(home)
@@ -78,7 +70,7 @@ def running_local_server(home: Path) -> str | None:
         url, pid = str(info["api_url"]), int(info["pid"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if _pid_alive(pid) and server_is_healthy(url):
+    if pid_alive(pid) and server_is_healthy(url):
         return url
     return None
 

@@ -15,7 +15,6 @@ and slide/patient embeddings (1-D ``feats``, ``feat_type`` slide|patient).
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ import h5py
 import numpy as np
 
 from stamp import STAMP_COMPAT_VERSION
+from stamp.fileio import atomic_path
 
 FEATURE_FORMAT_VERSION = 1
 FEAT_TYPES = ("tile", "slide", "patient")
@@ -131,19 +131,11 @@ def write_embedding(
 
 
 def _atomic_h5(path: Path, datasets: Mapping[str, np.ndarray], attrs: Mapping[str, Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w", track_order=True) as h5:
-            for name, data in datasets.items():
-                h5.create_dataset(name, data=data, track_times=False)
-            for key, value in attrs.items():
-                h5.attrs[key] = value
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, h5py.File(tmp, "w", track_order=True) as h5:
+        for name, data in datasets.items():
+            h5.create_dataset(name, data=data, track_times=False)
+        for key, value in attrs.items():
+            h5.attrs[key] = value
     return path
 
 

@@ -15,13 +15,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
+
+from stamp.fileio import atomic_write_text
 
 _CHUNK = 8 * 1024 * 1024
 INDEX_FORMAT = 1
@@ -97,23 +98,12 @@ class DigestIndex:
             digest = file_sha256(p)
             if self._entry_paths(p)[2] != ident:  # file changed while we hashed it
                 raise RuntimeError(f"{p}: file changed while it was being hashed; retry when it is complete")
-            _atomic_write_text(entry, json.dumps({**ident, "sha256": digest, "format": INDEX_FORMAT}))
+            atomic_write_text(entry, json.dumps({**ident, "sha256": digest, "format": INDEX_FORMAT}))
         return Digest(digest, computed=True)
 
     def sha256(self, path: str | os.PathLike[str]) -> str:
         """Shorthand for ``lookup(path).sha256``."""
         return self.lookup(path).sha256
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _canonical(value: Any) -> Any:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from stamp.fileio import pid_alive
+
 DEFAULT_STALE_AFTER_S = 24 * 3600.0
 
 
@@ -41,16 +43,6 @@ class SlideLocked(RuntimeError):
         self.path, self.owner = path, owner
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def read_owner(lock_path: Path) -> LockOwner | None:
     """The owner recorded in a lock file, or None if it is unreadable/half-written."""
     try:
@@ -67,7 +59,7 @@ def is_stale(owner: LockOwner | None, lock_path: Path, stale_after_s: float = DE
             return time.time() - lock_path.stat().st_mtime > 10
         except FileNotFoundError:
             return True
-    if owner.host == socket.gethostname() and not _pid_alive(owner.pid):
+    if owner.host == socket.gethostname() and not pid_alive(owner.pid):
         return True
     return time.time() - owner.started > stale_after_s
 

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 
+from stamp.fileio import atomic_write_bytes
 from stamp.synthetic_masks import SlideFields, feature_collection, make_fields, rect_fraction, score_polygons
 from stamp.synthetic_paint import TilePainter
 from stamp.synthetic_texture import get_atlases
@@ -179,12 +180,6 @@ def _read_mask(path: Path) -> np.ndarray:
     return img > 127
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _png(mask: np.ndarray) -> bytes:
     ok, buf = cv2.imencode(".png", mask.astype(np.uint8) * 255)
     if not ok:  # pragma: no cover - cv2 always encodes a uint8 image
@@ -215,15 +210,15 @@ def _write_truth_files(
     meta = truth.to_dict(relative_to=path.parent)
     meta["coordinates"] = "level-0 pixels, origin top-left, x right, y down"
     meta["planted_fraction_definition"] = "planted cells / tissue cells; a cell counts when >= half painted"
-    _atomic_write(truth.tissue_png, _png(fields.tissue_mask))
-    _atomic_write(truth.biomarker_png, _png(fields.planted_mask))
+    atomic_write_bytes(truth.tissue_png, _png(fields.tissue_mask))
+    atomic_write_bytes(truth.biomarker_png, _png(fields.planted_mask))
     for score, gj, name, color in (
         (fields.tissue_score, truth.tissue_geojson, "Tissue", (0, 160, 0)),
         (fields.planted_score, truth.biomarker_geojson, "Biomarker", (200, 0, 200)),
     ):
         polys = score_polygons(score, fields.downsample, spec.width, spec.height)
         fc = feature_collection(polys, name, color, meta)
-        _atomic_write(gj, json.dumps(fc, separators=(",", ":")).encode())
+        atomic_write_bytes(gj, json.dumps(fc, separators=(",", ":")).encode())
     return truth
 
 

@@ -31,6 +31,7 @@ from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 from prefect.locking.filesystem import FileSystemLockManager
 
+from stamp.fileio import atomic_write_text, pid_alive
 from stamp.hashing import DigestIndex, default_index_dir, stage_cache_key
 
 
@@ -93,9 +94,7 @@ class ProcessAwareLockManager(FileSystemLockManager):
         except (OSError, ValueError):
             return
         data.update(pid=os.getpid(), host=socket.gethostname())
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(data))
 
     def acquire_lock(
         self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None
@@ -124,13 +123,7 @@ class ProcessAwareLockManager(FileSystemLockManager):
             return False
         if host != socket.gethostname() or pid == os.getpid():
             return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
+        return not pid_alive(pid)
 
     def is_locked(self, key: str, use_cache: bool = False) -> bool:
         """Prefect's check, except that a lock of a dead local process is removed and reported free."""

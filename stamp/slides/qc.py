@@ -7,34 +7,19 @@ sees a half-written file.
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from stamp.fileio import atomic_write_bytes
 from stamp.slides.readers import SlideReader
 from stamp.slides.tiling import TilePlan
 
 THUMBNAIL_MAX_SIZE = 512
 REJECTED_RGBA = (255, 0, 0, 128)  # STAMP's overlay colour for grid cells without a kept tile
 TISSUE_CLASS = {"name": "Tissue", "color": [0, 160, 0]}
-
-
-def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temp file in the same folder and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def kept_grid(plan: TilePlan, kept_coords_um: np.ndarray) -> np.ndarray:
