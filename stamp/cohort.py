@@ -5,37 +5,66 @@ order; ``FILENAME`` may omit ``.h5`` (STAMP issues #21/#95); every dropped patie
 one reason, warned about per reason, and the log ends with the totals. Patient-level features are
 ``<PATIENT>.h5`` directly in ``feature_dir`` (no slide table needed); tile and slide features need
 the slide table. Tables are read as text; the tokens in :data:`NA_TOKENS` mean "missing".
+
+Module layout: this module assembles the cohort (:func:`load_cohort`, :class:`CohortData`,
+:class:`Patient`, the drop reasons) and re-exports everything public; table reading lives in
+:mod:`stamp.cohort_tables` and the feature-file side (h5 probing, :func:`detect_feature_type`,
+feature_info) in :mod:`stamp.cohort_features`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
-import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
-import h5py
-import numpy as np
-import pandas as pd
+from stamp.cohort_features import (
+    FeatureType,
+    _feature_info,
+    _feature_path,
+    _feature_type,
+    _probe,
+    _scan,
+    detect_feature_type,
+)
+from stamp.cohort_tables import NA_TOKENS, _cell, is_na, parse_status, read_table, safe_name
+
+__all__ = [
+    "ALL_MISSING",
+    "BAD_STATUS",
+    "BAD_TIME",
+    "EMPTY",
+    "MIN_CLASS_PATIENTS",
+    "MISSING_GT",
+    "MISSING_STATUS",
+    "MISSING_TIME",
+    "NA_TOKENS",
+    "NON_NUMERIC",
+    "NOT_IN_CATEGORIES",
+    "NOT_IN_CLINI",
+    "NO_FEATURES",
+    "NO_SLIDES",
+    "UNREADABLE",
+    "CohortData",
+    "FeatureType",
+    "Patient",
+    "Task",
+    "detect_feature_type",
+    "is_na",
+    "load_cohort",
+    "parse_status",
+    "read_table",
+    "safe_name",
+]
 
 logger = logging.getLogger("stamp")
 
 Task = Literal["classification", "regression", "survival"]
-FeatureType = Literal["tile", "slide", "patient"]
-
-NA_TOKENS: frozenset[str] = frozenset(
-    {"", "NA", "N/A", "n/a", "na", "#N/A", "#N/A N/A", "#NA", "<NA>", "nan", "NaN", "-nan", "-NaN",
-     "NAN", "None", "none", "NULL", "null", "-", "?", "-1.#IND", "1.#IND", "-1.#QNAN", "1.#QNAN"}
-)  # fmt: skip
-_NA_LOWER = frozenset(t.lower() for t in NA_TOKENS)
-_EVENT = frozenset({"1", "event", "dead", "deceased", "died", "yes", "y", "true"})
-_CENSORED = frozenset({"0", "alive", "censored", "no", "n", "false"})
 MIN_CLASS_PATIENTS = 16  # STAMP warns below this many patients per class
 
 # Reasons a patient is dropped. Those in _MISSING obey drop_patients_with_missing_ground_truth;
@@ -86,143 +115,7 @@ class CohortData:
         return [p for p in self.patients if p.target is not None]
 
 
-def is_na(value: Any) -> bool:
-    """True for None, NaN and the :data:`NA_TOKENS` (case-insensitive, surrounding blanks ignored)."""
-    if value is None or value is pd.NA:
-        return True
-    if isinstance(value, float | np.floating):
-        return bool(np.isnan(value))
-    return isinstance(value, str) and value.strip().lower() in _NA_LOWER
-
-
-def parse_status(value: str | float | None) -> float:
-    """Survival status → 1.0 (event), 0.0 (censored) or NaN (missing / not understood)."""
-    if isinstance(value, bool | np.bool_):
-        return float(value)
-    if isinstance(value, int | float | np.number):
-        v = float(value)
-        return math.nan if not math.isfinite(v) or v < 0 else float(v > 0)
-    if is_na(value):
-        return math.nan
-    text = str(value).strip().lower()
-    if text in _EVENT:
-        return 1.0
-    if text in _CENSORED:
-        return 0.0
-    try:
-        return parse_status(float(text))
-    except ValueError:
-        return math.nan
-
-
-_UNSAFE = re.compile(r"[^\w.-]+")
-
-
-def safe_name(label: str) -> str:
-    """``label`` as a file-name part: unchanged if already safe, else cleaned + a short hash of it."""
-    text = str(label)
-    cleaned = _UNSAFE.sub("_", text).strip("._")
-    if cleaned == text and cleaned and len(text) <= 100:
-        return text
-    digest = hashlib.sha256(text.encode()).hexdigest()[:8]
-    return f"{cleaned[:80] or 'label'}-{digest}"
-
-
-def read_table(path: str | os.PathLike[str], columns: Sequence[str], *, what: str = "table") -> pd.DataFrame:
-    """The ``columns`` of a .csv/.tsv/.xlsx table as text ("" for empty cells)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: {what} not found")
-    suffix = path.suffix.lower()
-    if suffix in (".xlsx", ".xlsm", ".xls"):
-        df = pd.read_excel(path, dtype=str, keep_default_na=False)
-    elif suffix in (".csv", ".tsv", ".txt"):
-        sep = "\t" if suffix == ".tsv" else ","
-        try:
-            df = pd.read_csv(path, dtype=str, keep_default_na=False, sep=sep)
-        except UnicodeDecodeError:
-            logger.warning("%s: not UTF-8, read as Latin-1 (save it as UTF-8 to be sure)", path)
-            df = pd.read_csv(path, dtype=str, keep_default_na=False, sep=sep, encoding="latin-1")
-    else:
-        raise ValueError(f"{path}: {what} must be .csv or .xlsx, not {suffix or 'no extension'}")
-    df.columns = [str(c).strip() for c in df.columns]
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        hint = " (is it ';'- or tab-separated? use ',' or .xlsx)" if len(df.columns) == 1 else ""
-        raise ValueError(
-            f"{path}: {what} has no column {', '.join(map(repr, missing))}; "
-            f"columns are {', '.join(map(repr, df.columns))}{hint}"
-        )
-    return df[list(dict.fromkeys(columns))]
-
-
-def _cell(value: Any) -> str | None:
-    return None if is_na(value) else str(value).strip()
-
-
-# ---------------------------------------------------------------------------------------- features
-class _Probe(NamedTuple):
-    feat_type: str | None  # None: unreadable
-    n: int = 0  # tiles (1 for an embedding)
-    dim: int = 0
-    extractor: str | None = None
-    weights_sha256: str | None = None
-
-
-def _probe(path: Path) -> _Probe:
-    """Type, tile count and dim of a feature h5 from its attrs and shapes (no data read)."""
-    try:
-        with h5py.File(path, "r") as h5:
-            attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in h5.attrs.items()}
-            shape = (h5["feats"] if "feats" in h5 else h5["patch_embeddings"]).shape
-    except (OSError, KeyError):
-        return _Probe(None)
-    ftype = str(attrs.get("feat_type") or ("slide" if "encoder" in attrs else "tile"))
-    n = shape[0] if ftype == "tile" and len(shape) == 2 else 1
-    extractor = attrs.get("extractor") or attrs.get("encoder")
-    return _Probe(ftype, n, shape[-1] if shape else 0, extractor, attrs.get("weights_sha256"))
-
-
-def _scan(feature_dir: Path) -> dict[Path, _Probe]:
-    if not feature_dir.is_dir():
-        raise FileNotFoundError(f"{feature_dir}: feature_dir not found")
-    files = sorted(p for p in feature_dir.rglob("*") if p.suffix.lower() == ".h5" and p.is_file())
-    return {p: _probe(p) for p in files}
-
-
-def _feature_type(scan: Mapping[Path, _Probe], feature_dir: Path) -> FeatureType:
-    by_type: dict[str, list[Path]] = defaultdict(list)
-    for path, probe in scan.items():
-        if probe.feat_type is not None:
-            by_type[probe.feat_type].append(path)
-    if not by_type:
-        raise ValueError(f"{feature_dir}: no readable .h5 feature files; check feature_dir")
-    if len(by_type) > 1:
-        parts = [f"{len(v)} {k} (e.g. {v[0].relative_to(feature_dir)})" for k, v in sorted(by_type.items())]
-        raise ValueError(
-            f"{feature_dir}: mixed feature types: {', '.join(parts)}; use one feature_dir per type"
-        )
-    (ftype,) = by_type
-    if ftype not in ("tile", "slide", "patient"):
-        raise ValueError(f"{feature_dir}: unknown feat_type {ftype!r} (e.g. {by_type[ftype][0]})")
-    return ftype  # type: ignore[return-value]
-
-
-def detect_feature_type(feature_dir: Path) -> FeatureType:
-    """tile / slide / patient from the h5 attrs of every feature file under ``feature_dir``."""
-    feature_dir = Path(os.path.abspath(feature_dir))
-    return _feature_type(_scan(feature_dir), feature_dir)
-
-
-def _feature_path(feature_dir: Path, name: str) -> Path:
-    """FILENAME → h5 path; ``x`` and ``x.svs`` find ``x.h5`` too (STAMP requires the ``.h5``)."""
-    if name.lower().endswith(".h5"):
-        return Path(os.path.normpath(feature_dir / name))
-    plain = Path(os.path.normpath(feature_dir / f"{name}.h5"))
-    swapped = Path(os.path.normpath(feature_dir / name)).with_suffix(".h5")
-    return swapped if Path(name).suffix and not plain.exists() and swapped.exists() else plain
-
-
+# ------------------------------------------------------------------------------------------- tables
 def _slide_files(
     slide_table: Path, feature_dir: Path, patient_label: str, filename_label: str
 ) -> dict[str, list[Path]]:
@@ -434,7 +327,7 @@ def load_cohort(
         targets=targets,
         categories=cats,
         dropped={r: sorted(ids) for r, ids in dropped.items()},
-        feature_info=_feature_info(patients, scan),
+        feature_info=_feature_info([f for p in patients for f in p.feature_files], scan),
     )
 
 
@@ -493,23 +386,3 @@ def _apply_categories(
                 small,
             )
     return out, cats
-
-
-def _feature_info(patients: Sequence[Patient], scan: Mapping[Path, _Probe]) -> dict[str, Any]:
-    probes = [scan.get(f) or _probe(f) for p in patients for f in p.feature_files]
-    dims = sorted({pr.dim for pr in probes})
-    if len(dims) > 1:
-        raise ValueError(
-            f"feature files have different feature dims {dims}; use one extractor per feature_dir"
-        )
-    extractors = sorted({str(pr.extractor) for pr in probes if pr.extractor})
-    if len(extractors) > 1:
-        logger.warning("feature files come from several extractors: %s", ", ".join(extractors))
-    digests = sorted({str(pr.weights_sha256) for pr in probes if pr.weights_sha256})
-    return {
-        "dim": dims[0],
-        "extractor": ", ".join(extractors) or None,
-        "weights_sha256": ", ".join(digests) or None,
-        "n_files": len(probes),
-        "n_tiles": int(sum(pr.n for pr in probes)),
-    }

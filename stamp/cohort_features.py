@@ -1,0 +1,105 @@
+"""The feature-file side of a cohort: h5 probing, feature-type detection and feature_info.
+
+Each feature h5 is probed from its attrs and dataset shapes only (no data read): its type
+(tile / slide / patient), tile count, feature dim, extractor and weights digest. All files under a
+``feature_dir`` must share one type (:func:`detect_feature_type`) and the files of the usable
+patients one dim (``_feature_info``). Part of :mod:`stamp.cohort`, which re-exports the public names.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import h5py
+
+logger = logging.getLogger("stamp")
+
+FeatureType = Literal["tile", "slide", "patient"]
+
+
+class _Probe(NamedTuple):
+    feat_type: str | None  # None: unreadable
+    n: int = 0  # tiles (1 for an embedding)
+    dim: int = 0
+    extractor: str | None = None
+    weights_sha256: str | None = None
+
+
+def _probe(path: Path) -> _Probe:
+    """Type, tile count and dim of a feature h5 from its attrs and shapes (no data read)."""
+    try:
+        with h5py.File(path, "r") as h5:
+            attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in h5.attrs.items()}
+            shape = (h5["feats"] if "feats" in h5 else h5["patch_embeddings"]).shape
+    except (OSError, KeyError):
+        return _Probe(None)
+    ftype = str(attrs.get("feat_type") or ("slide" if "encoder" in attrs else "tile"))
+    n = shape[0] if ftype == "tile" and len(shape) == 2 else 1
+    extractor = attrs.get("extractor") or attrs.get("encoder")
+    return _Probe(ftype, n, shape[-1] if shape else 0, extractor, attrs.get("weights_sha256"))
+
+
+def _scan(feature_dir: Path) -> dict[Path, _Probe]:
+    if not feature_dir.is_dir():
+        raise FileNotFoundError(f"{feature_dir}: feature_dir not found")
+    files = sorted(p for p in feature_dir.rglob("*") if p.suffix.lower() == ".h5" and p.is_file())
+    return {p: _probe(p) for p in files}
+
+
+def _feature_type(scan: Mapping[Path, _Probe], feature_dir: Path) -> FeatureType:
+    by_type: dict[str, list[Path]] = defaultdict(list)
+    for path, probe in scan.items():
+        if probe.feat_type is not None:
+            by_type[probe.feat_type].append(path)
+    if not by_type:
+        raise ValueError(f"{feature_dir}: no readable .h5 feature files; check feature_dir")
+    if len(by_type) > 1:
+        parts = [f"{len(v)} {k} (e.g. {v[0].relative_to(feature_dir)})" for k, v in sorted(by_type.items())]
+        raise ValueError(
+            f"{feature_dir}: mixed feature types: {', '.join(parts)}; use one feature_dir per type"
+        )
+    (ftype,) = by_type
+    if ftype not in ("tile", "slide", "patient"):
+        raise ValueError(f"{feature_dir}: unknown feat_type {ftype!r} (e.g. {by_type[ftype][0]})")
+    return ftype  # type: ignore[return-value]
+
+
+def detect_feature_type(feature_dir: Path) -> FeatureType:
+    """tile / slide / patient from the h5 attrs of every feature file under ``feature_dir``."""
+    feature_dir = Path(os.path.abspath(feature_dir))
+    return _feature_type(_scan(feature_dir), feature_dir)
+
+
+def _feature_path(feature_dir: Path, name: str) -> Path:
+    """FILENAME → h5 path; ``x`` and ``x.svs`` find ``x.h5`` too (STAMP requires the ``.h5``)."""
+    if name.lower().endswith(".h5"):
+        return Path(os.path.normpath(feature_dir / name))
+    plain = Path(os.path.normpath(feature_dir / f"{name}.h5"))
+    swapped = Path(os.path.normpath(feature_dir / name)).with_suffix(".h5")
+    return swapped if Path(name).suffix and not plain.exists() and swapped.exists() else plain
+
+
+def _feature_info(files: Iterable[Path], scan: Mapping[Path, _Probe]) -> dict[str, Any]:
+    """Dim, extractor(s), weights digest(s), file and tile counts of ``files`` (one dim required)."""
+    probes = [scan.get(f) or _probe(f) for f in files]
+    dims = sorted({pr.dim for pr in probes})
+    if len(dims) > 1:
+        raise ValueError(
+            f"feature files have different feature dims {dims}; use one extractor per feature_dir"
+        )
+    extractors = sorted({str(pr.extractor) for pr in probes if pr.extractor})
+    if len(extractors) > 1:
+        logger.warning("feature files come from several extractors: %s", ", ".join(extractors))
+    digests = sorted({str(pr.weights_sha256) for pr in probes if pr.weights_sha256})
+    return {
+        "dim": dims[0],
+        "extractor": ", ".join(extractors) or None,
+        "weights_sha256": ", ".join(digests) or None,
+        "n_files": len(probes),
+        "n_tiles": int(sum(pr.n for pr in probes)),
+    }
