@@ -158,10 +158,11 @@ def test_padding_and_mask(tmp_path: Path) -> None:
     patients = _patients(tmp_path, [3, 5])
     ds = BagDataset(patients, bag_size=4, seed=0)
     feats, coords, n_valid, idx = ds[0]
-    assert feats.shape == (4, 4) and coords.shape == (4, 2) and (n_valid, idx) == (3, 0)
+    # fewer tiles than bag_size: the bag comes unpadded; the batch is padded to its longest bag
+    assert feats.shape == (3, 4) and coords.shape == (3, 2) and (n_valid, idx) == (3, 0)
     np.testing.assert_array_equal(feats[:3, 0].numpy(), [0, 1, 2])
-    assert not feats[3:].any() and not coords[3:].any()
     batch = collate_bags([ds[0], ds[1]])
+    assert not batch[0][0, 3:].any() and not batch[1][0, 3:].any()
     assert batch[0].shape == (2, 4, 4)
     assert batch[2].tolist() == [[False, False, False, True], [False, False, False, False]]
     assert batch[3].tolist() == [0, 1]

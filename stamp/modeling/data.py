@@ -75,9 +75,10 @@ def load_bag(files: Sequence[Path]) -> Bag:
 class BagDataset(Dataset[Item]):
     """``patients[i]`` → (feats (bag, D), coords (bag, 2), n_valid, i) as tensors.
 
-    ``bag_size`` set (tile features): ``bag_size`` tiles drawn without replacement, zero-padded when the
-    patient has fewer (``n_valid`` counts the real ones). ``bag_size`` None, or slide / patient
-    features: the full bag. ``cache`` keeps loaded bags in memory up to ``cache_max_bytes`` per
+    ``bag_size`` set (tile features): ``bag_size`` tiles drawn without replacement; a patient with
+    fewer tiles gives all of them, unpadded — :func:`collate_bags` pads a batch only to its longest
+    bag and masks the padding, so small bags do not pay for ``bag_size`` zeros (STAMP pads every
+    bag to ``bag_size``). ``bag_size`` None, or slide / patient features: the full bag. ``cache`` keeps loaded bags in memory up to ``cache_max_bytes`` per
     process; returned tensors may share that memory, so do not modify them in place.
     """
 
@@ -129,15 +130,10 @@ class BagDataset(Dataset[Item]):
     def __getitem__(self, index: int) -> Item:
         feats, coords, kind = self._bag(index)
         n = len(feats)
-        if self.bag_size is None or kind != "tile":
+        if self.bag_size is None or kind != "tile" or n <= self.bag_size:
             return torch.from_numpy(feats), torch.from_numpy(coords), n, index
-        if n > self.bag_size:
-            pick = np.sort(self._rng(index).choice(n, self.bag_size, replace=False))
-            return torch.from_numpy(feats[pick]), torch.from_numpy(coords[pick]), self.bag_size, index
-        out_f = torch.zeros(self.bag_size, feats.shape[1])
-        out_c = torch.zeros(self.bag_size, 2)
-        out_f[:n], out_c[:n] = torch.from_numpy(feats), torch.from_numpy(coords)
-        return out_f, out_c, n, index
+        pick = np.sort(self._rng(index).choice(n, self.bag_size, replace=False))
+        return torch.from_numpy(feats[pick]), torch.from_numpy(coords[pick]), self.bag_size, index
 
 
 def collate_bags(
