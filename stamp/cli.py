@@ -23,7 +23,7 @@ STAGE_COMMANDS: dict[str, tuple[str, int | None]] = {
     "heatmaps": ("Draw relevance heatmaps and top/bottom tiles for a trained model", 5),
 }
 EXIT_NOT_BUILT = 2
-BUILT_STAGES = frozenset({"preprocess"})
+BUILT_STAGES = frozenset({"preprocess", "train", "crossval", "deploy"})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,6 +212,47 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     return 1 if result["counts"]["failed"] else 0
 
 
+def _advanced(cfg):  # noqa: ANN001, ANN202
+    from stamp.config import AdvancedConfig
+
+    return (cfg.advanced_config or AdvancedConfig()).model_dump(mode="json")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    cfg, sec = _start_stage(args, "training")
+    _configure_prefect(args, cfg)
+    from stamp_flows.modeling import train_flow
+
+    result = train_flow(section=sec.model_dump(mode="json"), advanced=_advanced(cfg))
+    print(
+        f"train: {result['train_patients']} train / {result['valid_patients']} valid patients → {result['checkpoint']}"
+    )
+    return 0
+
+
+def _cmd_crossval(args: argparse.Namespace) -> int:
+    cfg, sec = _start_stage(args, "crossval")
+    _configure_prefect(args, cfg)
+    from stamp_flows.modeling import crossval_flow
+
+    # folds run one at a time in a process: training sets global torch state (seeds, determinism)
+    result = crossval_flow(section=sec.model_dump(mode="json"), advanced=_advanced(cfg))
+    print(result["summary"], end="")
+    print(f"crossval: {len(result['folds'])} folds in {result['seconds']:.1f} s → {result['output_dir']}")
+    return 0
+
+
+def _cmd_deploy(args: argparse.Namespace) -> int:
+    cfg, sec = _start_stage(args, "deployment")
+    _configure_prefect(args, cfg)
+    from stamp_flows.modeling import deploy_flow
+
+    result = deploy_flow(section=sec.model_dump(mode="json"))
+    for path in result["files"]:
+        print(f"deploy: wrote {path}")
+    return 0
+
+
 def _cmd_stage(args: argparse.Namespace) -> int:
     _text, issue = STAGE_COMMANDS[args.command]
     tracked = f"tracked in issue #{issue}" if issue else "no issue filed for it yet"
@@ -228,6 +269,9 @@ HANDLERS = {
     "server": _cmd_server,
     "encoders": _cmd_encoders,
     "preprocess": _cmd_preprocess,
+    "train": _cmd_train,
+    "crossval": _cmd_crossval,
+    "deploy": _cmd_deploy,
 }
 
 

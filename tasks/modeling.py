@@ -1,0 +1,103 @@
+"""Prefect tasks for train / crossval folds / deploy (DESIGN contract 4 cache keys).
+
+A fold's key = sha256 of every feature file of its patients and of the tables + the split +
+the section and advanced settings + the modeling code version. Tasks return paths and small
+metric dicts, never tensors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from stamp.config_models import AdvancedConfig, CrossvalConfig, DeploymentConfig, TrainingConfig
+from stamp.modeling.checkpoint import CHECKPOINT_NAME, modeling_code_version
+from stamp.modeling.crossval import run_fold
+from stamp.modeling.deploy import deploy, deployment_spec
+from stamp.modeling.stage import deployment_cohort, preds_metrics, training_cohort
+from stamp.modeling.train import inner_split, train_model
+from stamp_tasks.cache import content_cache_policy
+
+MODELING_CODE_VERSION = modeling_code_version()
+MODELING_CACHE = content_cache_policy(
+    MODELING_CODE_VERSION, content_args=("feature_files", "tables"), ignore_args=("run",)
+)
+DEPLOY_CACHE = content_cache_policy(
+    MODELING_CODE_VERSION, content_args=("feature_files", "tables", "checkpoints"), ignore_args=("run",)
+)
+
+
+def fold_outputs(result: dict[str, Any]) -> list[str]:
+    """Files a fold result promises (checked before a cached result is trusted)."""
+    return [result["preds"], result["checkpoint"]]
+
+
+@task(name="crossval-fold", cache_policy=MODELING_CACHE, persist_result=True)
+def crossval_fold(
+    index: int,
+    split: dict[str, list[str]],
+    feature_files: list[str],
+    tables: list[str],
+    section: dict[str, Any],
+    advanced: dict[str, Any],
+    fold_dir: str,
+    run: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train fold ``index`` on its training patients (inner validation split), predict its test patients."""
+    sec = CrossvalConfig.model_validate(section)
+    adv = AdvancedConfig.model_validate(advanced)
+    cohort = training_cohort(sec)
+    preds = run_fold(cohort, split, Path(fold_dir), adv, adv.seed, patient_label=sec.patient_label)
+    return {
+        "fold": index,
+        "preds": str(preds),
+        "checkpoint": str(Path(fold_dir) / CHECKPOINT_NAME),
+        "test_patients": len(split["test_patients"]),
+        **preds_metrics(preds, cohort),
+    }
+
+
+@task(name="train-model", cache_policy=MODELING_CACHE, persist_result=True)
+def train_all(
+    feature_files: list[str],
+    tables: list[str],
+    section: dict[str, Any],
+    advanced: dict[str, Any],
+    output_dir: str,
+    run: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train one model on all patients of a ``training`` section (inner split for early stopping)."""
+    sec = TrainingConfig.model_validate(section)
+    adv = AdvancedConfig.model_validate(advanced)
+    cohort = training_cohort(sec)
+    train, valid = inner_split(cohort.patients, cohort, adv.seed)
+    checkpoint = train_model(train, valid, cohort, advanced=adv, output_dir=Path(output_dir), seed=adv.seed)
+    return {"checkpoint": str(checkpoint), "train_patients": len(train), "valid_patients": len(valid)}
+
+
+@task(name="deploy-models", cache_policy=DEPLOY_CACHE, persist_result=True)
+def deploy_models(
+    checkpoints: list[str],
+    feature_files: list[str],
+    tables: list[str],
+    section: dict[str, Any],
+    run: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Predict the deployment cohort with every checkpoint (and their ensemble); return the files."""
+    sec = DeploymentConfig.model_validate(section)
+    paths = [Path(c) for c in checkpoints]
+    cohort = deployment_cohort(sec, deployment_spec(paths))
+    files = deploy(
+        paths,
+        cohort,
+        Path(sec.output_dir),
+        patient_label=sec.patient_label,
+        accelerator=sec.accelerator,
+        num_workers=0,
+    )
+    result: dict[str, Any] = {"files": [str(f) for f in files], "patients": len(cohort.patients)}
+    if sec.clini_table is not None:
+        result.update(preds_metrics(files[-1], cohort))
+    return result
