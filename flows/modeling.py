@@ -116,11 +116,7 @@ def deploy_flow(section: dict[str, Any]) -> dict[str, Any]:
     return value
 
 
-def run_crossval_flow(
-    sec: CrossvalConfig, advanced: AdvancedConfig | None, concurrency: int
-) -> dict[str, Any]:
-    """Run :func:`crossval_flow` with ``concurrency`` folds at a time."""
+def run_crossval_flow(sec: CrossvalConfig, advanced: AdvancedConfig | None = None) -> dict[str, Any]:
+    """Run :func:`crossval_flow` (folds one at a time: training sets global torch state)."""
     adv = advanced or AdvancedConfig()
-    return crossval_flow.with_options(task_runner=_pool(concurrency))(
-        section=sec.model_dump(mode="json"), advanced=adv.model_dump(mode="json")
-    )
+    return crossval_flow(section=sec.model_dump(mode="json"), advanced=adv.model_dump(mode="json"))
