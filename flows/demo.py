@@ -15,29 +15,57 @@ import yaml
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from stamp.config import dump_config, load_config
+from stamp.config import PreprocessingConfig, dump_config, load_config
 from stamp.logs import logger
-from stamp_flows.preprocess import run_preprocess
+from stamp.modeling.stage import mean_ci
+from stamp_flows.modeling import run_crossval_flow
+from stamp_flows.preprocess import feature_dir, run_preprocess
 from stamp_flows.synth import synth_flow
 
 NOT_BUILT = {
-    "train / crossval / deploy": 4,
     "statistics / heatmaps": 5,
     "cohort flow, watch trigger, work pools, images": 6,
 }
 
 
+# Small enough for 2 CPU cores; STAMP's defaults (dim 512, 32 epochs, batch 64) are sized for GPUs.
+DEMO_ADVANCED = {
+    "seed": 0,
+    "max_epochs": 12,
+    "patience": 6,
+    "batch_size": 8,
+    "num_workers": 0,
+    "model_name": "vit",
+    "model_params": {"vit": {"dim_model": 128, "dim_feedforward": 256, "n_heads": 4}},
+}
+
+
 def demo_config(out: Path, cohort: dict[str, Any]) -> dict[str, Any]:
-    """The STAMP config (as a dict) that points every built stage at the synthetic cohort."""  # noqa: D401
+    """The STAMP config (as a dict) that points every built stage at the synthetic cohort."""
+    pre = {
+        "output_dir": str(out / "features"),
+        "wsi_dir": cohort["slides_dir"],
+        "extractor": "demo",
+        "tile_size_um": 256.0,
+        "tile_size_px": 224,
+        "max_workers": 2,
+    }
+    feats = str(feature_dir(PreprocessingConfig.model_validate(pre)))
+    tables = {
+        "clini_table": cohort["clini_table"],
+        "slide_table": cohort["slide_table"],
+        "feature_dir": feats,
+    }
     return {
-        "preprocessing": {
-            "output_dir": str(out / "features"),
-            "wsi_dir": cohort["slides_dir"],
-            "extractor": "demo",
-            "tile_size_um": 256.0,
-            "tile_size_px": 224,
-            "max_workers": 2,
+        "preprocessing": pre,
+        "crossval": {
+            "output_dir": str(out / "crossval"),
+            "ground_truth_label": "isMSIH",
+            "n_splits": 5,
+            **tables,
         },
+        "training": {"output_dir": str(out / "train"), "ground_truth_label": "isMSIH", **tables},
+        "advanced_config": DEMO_ADVANCED,
         "orchestration": {"task_concurrency": 1},
     }
 
@@ -55,7 +83,7 @@ def write_demo_config(out: str, cohort: dict[str, Any]) -> str:
 
 
 @flow(name="demo")
-def demo_flow(out: str = "stamp-demo", patients: int = 12, seed: int = 0) -> str:
+def demo_flow(out: str = "stamp-demo", patients: int = 32, seed: int = 0) -> str:
     """Write the synthetic cohort, run the built stages on it and return the report text."""
     root = Path(out).resolve()
     timings: dict[str, float] = {}
@@ -72,11 +100,19 @@ def demo_flow(out: str = "stamp-demo", patients: int = 12, seed: int = 0) -> str
     kept = sum(int(r["tiles_kept"] or 0) for r in pre["rows"])
     statuses = ", ".join(f"{n} {s}" for s, n in pre["counts"].items() if n)
 
+    t2 = time.perf_counter()
+    assert cfg.crossval is not None and cfg.advanced_config is not None
+    cv = run_crossval_flow(cfg.crossval, cfg.advanced_config)
+    timings["crossval (5 folds, vit)"] = time.perf_counter() - t2
+    auroc, lo, hi = mean_ci([float(f["auroc_isMSIH"]) for f in cv["folds"]])
+
     lines = [
         "STAMP demo on the synthetic cohort",
         f"  cohort:     {cohort['root']}  ({len(cohort['slides'])} slides; tables clini.csv, slide.csv)",
         f"  config:     {config_path}  (use it with: stamp -c {config_path} <command>)",
         f"  features:   {pre['feature_dir']}  ({statuses}; {kept} tiles; encoder 'demo', not for research use)",
+        f"  crossval:   {cv['output_dir']}  (splits.json, split-*/model.ckpt, split-*/patient-preds.csv)",
+        f"  AUROC isMSIH over 5 folds: {auroc:.3f} (95% CI {lo:.3f}–{hi:.3f})",
         "  time per stage:",
         *(f"    {name:24s} {secs:6.1f} s" for name, secs in timings.items()),
         f"    {'total':24s} {time.perf_counter() - t0:6.1f} s",

@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--out", type=Path, default=Path("stamp-demo"), help="output folder (default ./stamp-demo)"
     )
-    demo.add_argument("--patients", type=int, default=12, help="number of synthetic patients (default 12)")
+    demo.add_argument("--patients", type=int, default=32, help="number of synthetic patients (default 32)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
     server = sub.add_parser("server", help="Run a local Prefect server + UI that stamp commands reuse")

@@ -50,10 +50,12 @@ def test_synth_flow_writes_caches_and_regenerates(tmp_path: Path) -> None:
 def test_demo_flow_report_and_config(tmp_path: Path) -> None:
     from stamp_flows.demo import demo_flow
 
-    report = demo_flow(out=str(tmp_path / "demo"), patients=4, seed=0)
-    assert "synthetic cohort" in report and "total" in report
+    report = demo_flow(out=str(tmp_path / "demo"), patients=12, seed=0)
+    assert "synthetic cohort" in report and "total" in report and "AUROC isMSIH over 5 folds" in report
     cfg = load_config(tmp_path / "demo" / "config.yaml")
     assert cfg.preprocessing is not None and cfg.preprocessing.extractor == "demo"
     assert Path(cfg.preprocessing.wsi_dir).is_dir()
     assert any(Path(cfg.preprocessing.wsi_dir).glob("*.svs"))
     assert _artifact("demo-report")
+    assert cfg.crossval is not None and (Path(cfg.crossval.output_dir) / "splits.json").exists()
+    assert len(list(Path(cfg.crossval.output_dir).glob("split-*/patient-preds.csv"))) == 5
