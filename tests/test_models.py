@@ -367,7 +367,7 @@ def test_training_fits_a_separable_toy_problem(variant: str) -> None:
 
 # ------------------------------------------------------------------ a 200,000-tile bag on CPU
 @pytest.mark.slow
-@pytest.mark.timeout(3 * 3600)
+@pytest.mark.timeout(2400)
 def test_vit_deploys_a_200k_tile_bag_in_bounded_memory() -> None:
     script = textwrap.dedent(
         """
