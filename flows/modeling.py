@@ -25,6 +25,14 @@ def _pool(n: int) -> TaskRunner[PrefectFuture[Any]]:
     return cast(TaskRunner[PrefectFuture[Any]], ThreadPoolTaskRunner(max_workers=n))
 
 
+def warn_unused(sec: TrainingConfig) -> None:
+    """STAMP keys we accept for compatibility but do not act on."""
+    if sec.use_vary_precision_transform:
+        logger.warning("use_vary_precision_transform is accepted for STAMP compatibility but not implemented")
+    if sec.params_path is not None:
+        logger.warning("params_path is ignored (STAMP declares it but never uses it either)")
+
+
 def feature_files(cohort: CohortData, patient_ids: list[str] | None = None) -> list[str]:
     """Sorted feature files of the cohort's patients (or of ``patient_ids``)."""
     wanted = set(patient_ids) if patient_ids is not None else None
@@ -54,6 +62,7 @@ def crossval_flow(section: dict[str, Any], advanced: dict[str, Any]) -> dict[str
     start = time.perf_counter()
     sec = CrossvalConfig.model_validate(section)
     adv = AdvancedConfig.model_validate(advanced)
+    warn_unused(sec)
     cohort = training_cohort(sec)
     out = Path(sec.output_dir)
     splits = prepare_splits(cohort, out, sec.n_splits, adv.seed)
@@ -83,6 +92,7 @@ def crossval_flow(section: dict[str, Any], advanced: dict[str, Any]) -> dict[str
 def train_flow(section: dict[str, Any], advanced: dict[str, Any]) -> dict[str, Any]:
     """Train one model on all usable patients (early stopping on an inner validation split)."""
     sec = TrainingConfig.model_validate(section)
+    warn_unused(sec)
     cohort = training_cohort(sec)
     result = train_all.submit(feature_files(cohort), table_files(sec), section, advanced, str(sec.output_dir))
     value = result.result()
