@@ -20,6 +20,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
+from stamp.config_models import EXTRACTOR_NAMES
 from stamp.encoders.errors import UnknownEncoderError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -184,28 +185,8 @@ _FAMILIES: dict[str, Family] = {}
 #: name -> spec, read-only view in registration order.
 ENCODERS: Mapping[str, EncoderSpec] = MappingProxyType(_SPECS)
 
-#: the 19 tile-encoder names STAMP 2.5 accepts (plus "empty", its 0-dim extractor)
-STAMP_ENCODER_NAMES: tuple[str, ...] = (
-    "ctranspath",
-    "chief-ctranspath",
-    "conch",
-    "conch1_5",
-    "uni",
-    "uni2",
-    "dino-bloom",
-    "gigapath",
-    "h-optimus-0",
-    "h-optimus-1",
-    "virchow",
-    "virchow-full",
-    "virchow2",
-    "musk",
-    "mstar",
-    "plip",
-    "keep",
-    "ticon",
-    "red-dino",
-)
+#: the 19 tile-encoder names STAMP 2.5 accepts (the config schema's list without "empty" and our "demo")
+STAMP_ENCODER_NAMES: tuple[str, ...] = tuple(n for n in EXTRACTOR_NAMES if n not in ("empty", "demo"))
 
 
 def register(spec: EncoderSpec, family: Family, *, replace: bool = False) -> EncoderSpec:
