@@ -166,18 +166,24 @@ def _summary_md(rows: list[dict[str, Any]], counts: dict[str, int], feat_dir: Pa
     return f"# preprocess summary\n\nfeatures: `{feat_dir}`\n\n{totals}\n\n{head}{body}"
 
 
-def _thread_pool(max_workers: int) -> TaskRunner[PrefectFuture[Any]]:
+def thread_pool(max_workers: int) -> TaskRunner[PrefectFuture[Any]]:
     """A ``ThreadPoolTaskRunner``, typed as ``flow`` expects (``TaskRunner`` is invariant in its future type)."""
     return cast(TaskRunner[PrefectFuture[Any]], ThreadPoolTaskRunner(max_workers=max_workers))
 
 
-@flow(name="preprocess", task_runner=_thread_pool(2))
-def preprocess_flow(config: dict[str, Any]) -> dict[str, Any]:
-    """Preprocess every slide of a ``preprocessing`` config section (given as a dict)."""
+@flow(name="preprocess", task_runner=thread_pool(2))
+def preprocess_flow(config: dict[str, Any], shard: int = 0, shards: int = 1) -> dict[str, Any]:
+    """Preprocess every slide of a ``preprocessing`` config section (given as a dict).
+
+    ``shard``/``shards``: this run takes every ``shards``-th slide of the sorted slide list,
+    starting at ``shard`` — so N runs (e.g. N deployments on N GPU nodes) split a cohort.
+    """
     cfg = PreprocessingConfig.model_validate(config)
+    if not 0 <= shard < shards:
+        raise ValueError(f"preprocess: shard must be in [0, {shards}), got {shard}")
     start = time.perf_counter()
     wsi_dir = Path(cfg.wsi_dir)
-    slides = find_slides(wsi_dir, cfg.wsi_list)
+    slides = sorted(find_slides(wsi_dir, cfg.wsi_list))[shard::shards]
     random.Random().shuffle(slides)  # system entropy: concurrent runs start on different slides
     feat_dir = feature_dir(cfg)
     device = resolve_device(cfg.device)
@@ -236,7 +242,7 @@ def preprocess_flow(config: dict[str, Any]) -> dict[str, Any]:
 
 def run_preprocess(cfg: PreprocessingConfig, task_concurrency: int) -> dict[str, Any]:
     """Run :func:`preprocess_flow` with ``task_concurrency`` slides at a time."""
-    return preprocess_flow.with_options(task_runner=_thread_pool(task_concurrency))(
+    return preprocess_flow.with_options(task_runner=thread_pool(task_concurrency))(
         config=cfg.model_dump(mode="json")
     )
 

@@ -23,7 +23,7 @@ STAGE_COMMANDS: dict[str, tuple[str, int | None]] = {
     "heatmaps": ("Draw relevance heatmaps and top/bottom tiles for a trained model", 5),
 }
 EXIT_NOT_BUILT = 2
-BUILT_STAGES = frozenset({"preprocess", "train", "crossval", "deploy"})
+BUILT_STAGES = frozenset({"preprocess", "train", "crossval", "deploy", "statistics", "heatmaps"})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
                 "--list-encoders", action="store_true", help="print the encoder table and exit"
             )
     sub.add_parser("encoders", help="List the tile encoders: dims, tile size, mpp, weights, licence, gating")
+
+    run = sub.add_parser(
+        "run", help="Run every configured stage of the config as one Prefect flow (the `cohort` flow)"
+    )
+    run.add_argument(
+        "--stages",
+        nargs="+",
+        metavar="STAGE",
+        default=None,
+        help="only these stages (default: every stage whose section is in the config)",
+    )
 
     synth = sub.add_parser("synth", help="Write a synthetic slide cohort with a planted biomarker")
     synth.add_argument("--out", type=Path, required=True, help="output folder")
@@ -253,12 +264,69 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_statistics(args: argparse.Namespace) -> int:
+    cfg, sec = _start_stage(args, "statistics")
+    _configure_prefect(args, cfg)
+    from stamp_flows.report import statistics_flow
+
+    result = statistics_flow(section=sec.model_dump(mode="json"))
+    print(result["summary"].strip())
+    print(f"statistics: {len(result['files'])} files → {result['output_dir']}")
+    return 0
+
+
+def _cmd_heatmaps(args: argparse.Namespace) -> int:
+    cfg, sec = _start_stage(args, "heatmaps")
+    _configure_prefect(args, cfg)
+    from stamp_flows.report import heatmaps_flow, thread_pool
+
+    flow = heatmaps_flow.with_options(task_runner=thread_pool(cfg.orchestration.task_concurrency))
+    result = flow(section=sec.model_dump(mode="json"))
+    for row in result["rows"]:
+        if row["status"] != "done":
+            print(f"  {row['status']}: {row['slide']}: {row['reason']}")
+    print(f"heatmaps: {len(result['slides'])} slides in {result['seconds']:.1f} s → {result['output_dir']}")
+    return 1 if result["failed"] else 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from stamp.logs import logger
+
+    cfg = _load(args.config)
+    target = _configure_prefect(args, cfg)
+    logger.info(target.describe())
+    from stamp_flows.cohort import cohort_flow, stage_plan
+
+    try:
+        stage_plan(cfg, args.stages)
+    except ValueError as exc:
+        return _fail(str(exc))
+    result = cohort_flow(config_path=str(args.config.resolve()), stages=args.stages)
+    print(result["report"], end="")
+    return 0
+
+
 def _cmd_stage(args: argparse.Namespace) -> int:
     _text, issue = STAGE_COMMANDS[args.command]
     tracked = f"tracked in issue #{issue}" if issue else "no issue filed for it yet"
     return _fail(
         f"{args.command}: this stage is not built yet ({tracked}); nothing was written.", EXIT_NOT_BUILT
     )
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by the user's input: shown as their one line, without a traceback."""
+    from stamp.config import ConfigError
+
+    errors: list[type[BaseException]] = [ConfigError, FileNotFoundError]
+    for module, name in (
+        ("stamp.statistics", "StatisticsError"),
+        ("stamp.heatmaps", "HeatmapError"),
+        ("stamp_flows.cohort", "StageFailed"),
+    ):
+        if module in sys.modules:  # only what the command imported
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
 
 
 HANDLERS = {
@@ -272,6 +340,9 @@ HANDLERS = {
     "train": _cmd_train,
     "crossval": _cmd_crossval,
     "deploy": _cmd_deploy,
+    "statistics": _cmd_statistics,
+    "heatmaps": _cmd_heatmaps,
+    "run": _cmd_run,
 }
 
 
@@ -292,10 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
     except Exception as exc:  # user-facing errors: one line; anything else: traceback in the log
-        from stamp.config import ConfigError
-
-        if isinstance(exc, ConfigError):
-            return _fail(str(exc))
+        if isinstance(exc, _user_errors()):
+            return _fail(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
         logger.exception(f"{args.command} failed: {exc}")
         return 1
 

@@ -407,6 +407,7 @@ class OrchestrationConfig(_Section):
     result_dir: Path | None = None
     task_concurrency: int = Field(default=2, ge=1)
     deployments: dict[StageName, DeploymentName] = Field(default_factory=dict)
+    preprocess_shards: int = Field(default=1, ge=1)
 
 
 # --------------------------------------------------------------------------- whole file

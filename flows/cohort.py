@@ -1,0 +1,182 @@
+"""``stamp run``: the ``cohort`` flow — every configured stage of one config, in STAMP's order.
+
+preprocess → (encode_slides / encode_patients) → crossval or train → deploy → statistics →
+heatmaps. A stage runs when its section is in the config (``crossval`` wins over ``training``
+when both are there; ``stages=[...]`` picks stages explicitly). Each stage is a subflow whose
+tasks are cached on content (DESIGN contract 4), so an unchanged stage is served from the cache.
+
+A stage listed in ``orchestration.deployments`` runs as that Prefect deployment
+(``run_deployment``) instead of in-process — on the deployment's work pool (Docker, SLURM, …);
+preprocessing is split over ``orchestration.preprocess_shards`` such runs. Stages exchange only
+paths (the config's folders), never arrays.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+
+from stamp.config import StampConfig, load_config
+from stamp.logs import logger
+from stamp_flows import logfilters
+
+logfilters.install()
+
+#: Stage → config section, in the order the cohort flow runs them.
+STAGE_SECTIONS: dict[str, str] = {
+    "preprocess": "preprocessing",
+    "encode_slides": "slide_encoding",
+    "encode_patients": "patient_encoding",
+    "crossval": "crossval",
+    "train": "training",
+    "deploy": "deployment",
+    "statistics": "statistics",
+    "heatmaps": "heatmaps",
+}
+NOT_BUILT_STAGES = frozenset({"encode_slides", "encode_patients"})
+
+
+class StageFailed(RuntimeError):
+    """A stage of the cohort flow did not complete (the message names the stage and why)."""
+
+
+def stage_plan(cfg: StampConfig, stages: list[str] | None = None) -> list[str]:
+    """The stages the cohort flow runs for ``cfg``, in order.
+
+    Without ``stages``: every stage whose section is present, except ``train`` when ``crossval``
+    is present too. With ``stages``: exactly those (each needs its section).
+    """
+    if stages:
+        unknown = [s for s in stages if s not in STAGE_SECTIONS]
+        if unknown:
+            raise ValueError(f"unknown stage(s) {unknown}; choose from {list(STAGE_SECTIONS)}")
+        missing = [s for s in stages if getattr(cfg, STAGE_SECTIONS[s]) is None]
+        if missing:
+            names = ", ".join(f"{s} (section '{STAGE_SECTIONS[s]}')" for s in missing)
+            raise ValueError(f"the config has no section for stage(s) {names}; add it or drop the stage")
+        return [s for s in STAGE_SECTIONS if s in stages]
+    plan = [s for s, section in STAGE_SECTIONS.items() if getattr(cfg, section) is not None]
+    if "crossval" in plan and "train" in plan:
+        plan.remove("train")
+    return plan
+
+
+def stage_parameters(stage: str, cfg: StampConfig) -> dict[str, Any]:
+    """The stage flow's parameters (JSON only: they also travel to deployments)."""
+    section = getattr(cfg, STAGE_SECTIONS[stage]).model_dump(mode="json")
+    if stage in ("crossval", "train"):
+        from stamp.config import AdvancedConfig
+
+        advanced = (cfg.advanced_config or AdvancedConfig()).model_dump(mode="json")
+        return {"section": section, "advanced": advanced}
+    if stage == "preprocess":
+        return {"config": section}
+    return {"section": section}
+
+
+def _in_process(stage: str, params: dict[str, Any], cfg: StampConfig) -> dict[str, Any]:
+    concurrency = cfg.orchestration.task_concurrency
+    if stage == "preprocess":
+        from stamp_flows.preprocess import preprocess_flow, thread_pool
+
+        return preprocess_flow.with_options(task_runner=thread_pool(concurrency))(**params)
+    if stage == "crossval":
+        from stamp_flows.modeling import crossval_flow
+
+        return crossval_flow(**params)
+    if stage == "train":
+        from stamp_flows.modeling import train_flow
+
+        return train_flow(**params)
+    if stage == "deploy":
+        from stamp_flows.modeling import deploy_flow
+
+        return deploy_flow(**params)
+    if stage == "statistics":
+        from stamp_flows.report import statistics_flow
+
+        return statistics_flow(**params)
+    if stage == "heatmaps":
+        from stamp_flows.report import heatmaps_flow, thread_pool
+
+        return heatmaps_flow.with_options(task_runner=thread_pool(concurrency))(**params)
+    raise StageFailed(f"{stage}: no in-process runner")
+
+
+def _as_deployments(stage: str, name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Start one flow run of deployment ``name`` per parameter set, wait for all, fail if any failed."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    started = [run_deployment(name, parameters=p, timeout=0, as_subflow=True) for p in runs]
+    logger.info("%s: started %d run(s) of deployment %s", stage, len(started), name)
+    pending = {r.id for r in started}
+    states: dict[Any, Any] = {}
+    with get_client(sync_client=True) as client:
+        while pending:
+            for run_id in list(pending):
+                run = client.read_flow_run(run_id)
+                if run.state is not None and run.state.is_final():
+                    states[run_id] = run.state
+                    pending.discard(run_id)
+            if pending:
+                time.sleep(2)
+    bad = {str(k): v.name for k, v in states.items() if not v.is_completed()}
+    if bad:
+        raise StageFailed(f"{stage}: deployment {name} run(s) ended {bad}; see them in the Prefect UI")
+    return {"deployment": name, "flow_runs": [str(r.id) for r in started]}
+
+
+def run_stage(stage: str, cfg: StampConfig) -> dict[str, Any]:
+    """Run one stage in-process or as its configured deployment(s); returns the stage's result."""
+    params = stage_parameters(stage, cfg)
+    deployment = cfg.orchestration.deployments.get(stage)  # type: ignore[call-overload]
+    if deployment is None:
+        return _in_process(stage, params, cfg)
+    if stage == "preprocess":
+        n = cfg.orchestration.preprocess_shards
+        return _as_deployments(stage, deployment, [{**params, "shard": i, "shards": n} for i in range(n)])
+    return _as_deployments(stage, deployment, [params])
+
+
+def _report(config_path: str, timings: dict[str, float], outcomes: dict[str, str]) -> str:
+    lines = [f"# cohort run: `{config_path}`", "", "| stage | outcome | seconds |", "|---|---|---|"]
+    lines += [f"| {s} | {outcomes[s]} | {timings.get(s, 0.0):.1f} |" for s in outcomes]
+    return "\n".join(lines) + "\n"
+
+
+@flow(name="cohort")
+def cohort_flow(config_path: str, stages: list[str] | None = None) -> dict[str, Any]:
+    """Every configured stage of ``config_path`` in order, each as a subflow (or deployment run).
+
+    Returns ``{"config": path, "stages": {stage: result}, "seconds": {stage: s}, "report": md}``.
+    A failing stage stops the later stages (they need its outputs) and fails the flow run.
+    """
+    cfg = load_config(Path(config_path))
+    plan = stage_plan(cfg, stages)
+    logger.info("cohort %s: stages %s", config_path, ", ".join(plan) or "(none)")
+    results: dict[str, Any] = {}
+    timings: dict[str, float] = {}
+    outcomes: dict[str, str] = {}
+    for stage in plan:
+        if stage in NOT_BUILT_STAGES:
+            logger.warning("%s: configured but not built yet; skipped (its section is ignored)", stage)
+            outcomes[stage] = "skipped: not built"
+            continue
+        t0 = time.perf_counter()
+        try:
+            results[stage] = run_stage(stage, cfg)
+        except Exception as exc:
+            timings[stage] = time.perf_counter() - t0
+            outcomes[stage] = f"failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            create_markdown_artifact(key="cohort-report", markdown=_report(config_path, timings, outcomes))
+            raise StageFailed(f"cohort {config_path}: stage {stage} failed: {exc}") from exc
+        timings[stage] = time.perf_counter() - t0
+        outcomes[stage] = "completed"
+    report = _report(config_path, timings, outcomes)
+    create_markdown_artifact(key="cohort-report", markdown=report)
+    return {"config": str(config_path), "stages": results, "seconds": timings, "report": report}

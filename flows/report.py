@@ -1,0 +1,147 @@
+"""``stamp statistics`` and ``stamp heatmaps`` as Prefect flows, with artifacts for the UI.
+
+* ``statistics``: one cached task over the prediction CSVs; publishes the metrics table
+  (``statistics-metrics``) and the ROC/PR/KM/scatter plots inline (``statistics-plots``).
+* ``heatmaps``: one cached task per slide (fan-out); publishes a per-slide table
+  (``heatmaps-slides``) and a gallery of overview images (``heatmaps-gallery``). A slide that
+  fails is reported in the table and never stops the others.
+
+Images go into markdown artifacts as small inline PNGs (the UI renders ``data:`` images; they
+work offline); the full-size files stay on disk and are named beside them.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+from pathlib import Path
+from typing import Any, cast
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.futures import PrefectFuture
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+
+from stamp.config import resolve_device
+from stamp.config_models import HeatmapsConfig, StatisticsConfig
+from stamp.logs import logger
+from stamp_flows import logfilters
+from stamp_tasks.cache import missing_outputs
+from stamp_tasks.report import heatmap_slide, statistics_task
+
+logfilters.install()
+
+ARTIFACT_KEYS = ("statistics-metrics", "statistics-plots", "heatmaps-slides", "heatmaps-gallery")
+
+
+def thread_pool(max_workers: int) -> TaskRunner[PrefectFuture[Any]]:
+    """A ``ThreadPoolTaskRunner`` typed as ``flow`` expects."""
+    return cast(TaskRunner[PrefectFuture[Any]], ThreadPoolTaskRunner(max_workers=max_workers))
+
+
+def inline_png(path: str | Path, width: int = 360) -> str:
+    """Markdown for a PNG shrunk to ``width`` px, inline as base64 (keeps artifacts small)."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        if img.width > width:
+            img = img.resize((width, max(1, round(img.height * width / img.width))))
+        buf = io.BytesIO()
+        img.save(buf, format="PNG", optimize=True)
+    data = base64.b64encode(buf.getvalue()).decode()
+    return f"![{Path(path).name}](data:image/png;base64,{data})"
+
+
+@flow(name="statistics")
+def statistics_flow(section: dict[str, Any]) -> dict[str, Any]:
+    """STAMP's statistics for a ``statistics`` section: tables with 95 % CIs and plots."""
+    start = time.perf_counter()
+    sec = StatisticsConfig.model_validate(section)
+    csvs = [str(Path(p)) for p in sec.pred_csvs]
+    missing = [p for p in csvs if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"statistics.pred_csvs: {missing[0]} does not exist"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + "; run crossval/deploy first or fix the path"
+        )
+    result = statistics_task(csvs, section)
+    if missing_outputs(result, lambda r: r["files"]):
+        result = statistics_task.with_options(refresh_cache=True)(csvs, section)
+    create_table_artifact(key="statistics-metrics", table=result["rows"], description=f"in {sec.output_dir}")
+    images = "\n\n".join(f"{inline_png(p)}\n\n`{p}`" for p in result["plots"][:8])
+    create_markdown_artifact(key="statistics-plots", markdown=f"{result['summary']}\n\n{images}\n")
+    logger.info("statistics: %d files in %s", len(result["files"]), sec.output_dir)
+    return {**result, "output_dir": str(sec.output_dir), "seconds": time.perf_counter() - start}
+
+
+def _slide_row(job: Any, status: str, value: dict[str, Any] | None, reason: str = "") -> dict[str, Any]:
+    v = value or {}
+    return {
+        "slide": job.name,
+        "status": status,
+        "reason": reason,
+        "tiles": v.get("n_tiles"),
+        "predicted": v.get("predicted"),
+        "seconds": v.get("seconds"),
+        "overview": v.get("overview"),
+    }
+
+
+@flow(name="heatmaps", task_runner=thread_pool(2))
+def heatmaps_flow(section: dict[str, Any]) -> dict[str, Any]:
+    """Heatmaps for every slide of a ``heatmaps`` section, one cached task per slide."""
+    from stamp.heatmaps import plan_heatmaps
+
+    start = time.perf_counter()
+    sec = HeatmapsConfig.model_validate(section)
+    plan = plan_heatmaps(sec)
+    for slide, reason in plan.skipped:
+        logger.warning("heatmaps: %s skipped: %s", slide, reason)
+    params = {"opacity": sec.opacity, "topk": sec.topk, "bottomk": sec.bottomk}
+    params["default_slide_mpp"] = sec.default_slide_mpp
+    run = {"device": resolve_device(sec.device)}
+
+    def submit(job: Any, refresh: bool = False) -> PrefectFuture[Any]:
+        task = heatmap_slide.with_options(task_run_name=f"heatmap-{job.name}", refresh_cache=refresh)
+        return task.submit(
+            str(job.slide_path),
+            str(job.feature_path),
+            str(sec.checkpoint_path),
+            str(job.out_dir),
+            job.name,
+            params,
+            run,
+        )
+
+    futures = [(job, submit(job)) for job in plan.jobs]
+    rows, results = [], []
+    for job, fut in futures:
+        fut.wait()
+        try:
+            value = fut.result()
+            if missing_outputs(value, lambda r: r["files"]):
+                value = submit(job, refresh=True).result()
+        except Exception as exc:  # one bad slide never stops the others
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            logger.error("heatmaps: %s failed: %s", job.name, reason)
+            rows.append(_slide_row(job, "failed", None, reason))
+            continue
+        results.append(value)
+        rows.append(_slide_row(job, "done", value))
+    rows += [{"slide": str(s), "status": "skipped", "reason": r} for s, r in plan.skipped]
+    create_table_artifact(key="heatmaps-slides", table=rows, description=f"heatmaps in {sec.output_dir}")
+    gallery = "\n\n".join(
+        f"**{r['slide']}**\n\n{inline_png(r['overview'], 480)}" for r in rows[:6] if r.get("overview")
+    )
+    create_markdown_artifact(key="heatmaps-gallery", markdown=f"# heatmaps\n\n{gallery}\n")
+    failed = sum(r["status"] == "failed" for r in rows)
+    return {
+        "output_dir": str(sec.output_dir),
+        "slides": results,
+        "rows": rows,
+        "failed": failed,
+        "seconds": time.perf_counter() - start,
+    }

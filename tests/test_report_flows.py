@@ -1,0 +1,120 @@
+"""The statistics and heatmaps flows and commands on a real (test) Prefect API: artifacts, cache, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from stamp.cli import main
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+
+def artifacts(key: str) -> list:
+    """Artifacts with ``key`` on the current Prefect API (newest first)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async def _read() -> list:
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+
+    return asyncio.run(_read())
+
+
+def run_stamp(*args: str) -> tuple[int, list[str]]:
+    """Run ``stamp`` in a subprocess (the user's path); return its exit status and error lines.
+
+    Fails if a traceback reached the terminal.
+    """
+    proc = subprocess.run(
+        [sys.executable, "-m", "stamp.cli", *args], capture_output=True, text=True, timeout=300
+    )
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc.returncode, [line for line in proc.stderr.splitlines() if line.startswith("stamp: ")]
+
+
+def write_fold_preds(root: Path, folds: int = 3, n: int = 40, seed: int = 0) -> list[Path]:
+    """``split-<i>/patient-preds.csv`` files as crossval writes them (classification isMSIH)."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(folds):
+        y = rng.integers(0, 2, n)
+        p = np.clip(0.5 + 0.35 * (1 - 2 * y) + rng.normal(0, 0.2, n), 0.01, 0.99)  # P(MSIH)... flipped below
+        p_msih = 1 - p
+        df = pd.DataFrame(
+            {
+                "PATIENT": [f"F{i}P{k:03d}" for k in range(n)],
+                "isMSIH": np.where(y == 0, "MSIH", "nonMSIH"),
+                "pred": np.where(p_msih >= 0.5, "MSIH", "nonMSIH"),
+                "isMSIH_MSIH": p_msih,
+                "isMSIH_nonMSIH": 1 - p_msih,
+                "loss": 0.0,
+            }
+        )
+        path = root / f"split-{i}" / "patient-preds.csv"
+        path.parent.mkdir(parents=True)
+        df.to_csv(path, index=False)
+        paths.append(path)
+    return paths
+
+
+def test_statistics_command_writes_stamp_files_artifacts_and_caches(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sklearn.metrics import roc_auc_score
+
+    csvs = write_fold_preds(tmp_path / "crossval")
+    out = tmp_path / "stats"
+    cfg = tmp_path / "config.yaml"
+    section = {
+        "output_dir": str(out),
+        "pred_csvs": [str(p) for p in csvs],
+        "ground_truth_label": "isMSIH",
+        "true_class": "MSIH",
+    }
+    cfg.write_text(yaml.safe_dump({"statistics": section}))
+    assert main(["-c", str(cfg), "statistics"]) == 0
+    printed = capsys.readouterr().out
+    assert "statistics:" in printed and str(out) in printed
+    table = pd.read_csv(out / "isMSIH_categorical-stats_individual.csv")
+    first = pd.read_csv(csvs[0])
+    expected = roc_auc_score(first["isMSIH"] == "MSIH", first["isMSIH_MSIH"])
+    row = table[(table["class"] == "MSIH") & table["source"].str.startswith("split-0")]
+    assert row["roc_auc_score"].iloc[0] == pytest.approx(expected, abs=1e-12)
+    assert (out / "roc-curve_isMSIH=MSIH.png").stat().st_size > 1000
+    assert (out / "logfile.log").exists()
+    metrics = artifacts("statistics-metrics")
+    plots = artifacts("statistics-plots")
+    assert metrics and plots and "data:image/png;base64," in plots[0].data
+
+    mtime = (out / "roc-curve_isMSIH=MSIH.png").stat().st_mtime_ns
+    assert main(["-c", str(cfg), "statistics"]) == 0
+    assert (out / "roc-curve_isMSIH=MSIH.png").stat().st_mtime_ns == mtime, "unchanged inputs: cached"
+    (out / "roc-curve_isMSIH=MSIH.png").unlink()
+    assert main(["-c", str(cfg), "statistics"]) == 0
+    assert (out / "roc-curve_isMSIH=MSIH.png").exists(), "a deleted output is recomputed"
+
+
+def test_statistics_bad_input_is_one_line(tmp_path: Path) -> None:
+    csvs = write_fold_preds(tmp_path / "cv", folds=1)
+    cfg = tmp_path / "config.yaml"
+    section = {"output_dir": str(tmp_path / "s"), "pred_csvs": [str(csvs[0]), str(tmp_path / "gone.csv")]}
+    cfg.write_text(yaml.safe_dump({"statistics": {**section, "ground_truth_label": "isMSIH"}}))
+    status, err = run_stamp("-c", str(cfg), "statistics")
+    assert status == 1
+    assert len(err) == 1 and "gone.csv" in err[0]
+
+    cfg.write_text(
+        yaml.safe_dump({"statistics": {**section, "pred_csvs": [str(csvs[0])], "ground_truth_label": "nope"}})
+    )
+    status, err = run_stamp("-c", str(cfg), "statistics")
+    assert status == 1
+    assert len(err) == 1 and "nope" in err[0] and "patient-preds.csv" in err[0]
