@@ -98,10 +98,10 @@ def heatmaps_flow(section: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     sec = HeatmapsConfig.model_validate(section)
     plan = plan_heatmaps(sec)
-    for slide, reason in plan.skipped:
-        logger.warning("heatmaps: %s skipped: %s", slide, reason)
+    for skipped in plan.skipped:
+        logger.warning("heatmaps: %s skipped: %s", skipped.slide_path, skipped.reason)
     params = {"opacity": sec.opacity, "topk": sec.topk, "bottomk": sec.bottomk}
-    params["default_slide_mpp"] = sec.default_slide_mpp
+    params.update(default_slide_mpp=sec.default_slide_mpp, ig_steps=sec.ig_steps)
     run = {"device": resolve_device(sec.device)}
 
     def submit(job: Any, refresh: bool = False) -> PrefectFuture[Any]:
@@ -110,7 +110,7 @@ def heatmaps_flow(section: dict[str, Any]) -> dict[str, Any]:
             str(job.slide_path),
             str(job.feature_path),
             str(sec.checkpoint_path),
-            str(job.out_dir),
+            str(job.output_dir),
             job.name,
             params,
             run,
@@ -131,7 +131,7 @@ def heatmaps_flow(section: dict[str, Any]) -> dict[str, Any]:
             continue
         results.append(value)
         rows.append(_slide_row(job, "done", value))
-    rows += [{"slide": str(s), "status": "skipped", "reason": r} for s, r in plan.skipped]
+    rows += [{"slide": str(s.slide_path), "status": "skipped", "reason": s.reason} for s in plan.skipped]
     create_table_artifact(key="heatmaps-slides", table=rows, description=f"heatmaps in {sec.output_dir}")
     gallery = "\n\n".join(
         f"**{r['slide']}**\n\n{inline_png(r['overview'], 480)}" for r in rows[:6] if r.get("overview")

@@ -369,6 +369,8 @@ class HeatmapsConfig(_Section):
     topk: int = Field(default=0, ge=0)
     bottomk: int = Field(default=0, ge=0)
     default_slide_mpp: float | None = Field(default=None, gt=0)
+    # ours: points of the integrated-gradients path (1 = STAMP's plain gradient × input)
+    ig_steps: int = Field(default=8, ge=1)
 
 
 # --------------------------------------------------------------------------- slide / patient encoding

@@ -60,7 +60,7 @@ def heatmap_slide(
 
     start = time.perf_counter()
     job = HeatmapJob(
-        slide_path=Path(slide_path), feature_path=Path(h5_path), out_dir=Path(out_dir), name=name
+        slide_path=Path(slide_path), feature_path=Path(h5_path), output_dir=Path(out_dir), name=name
     )
     result = render_slide(job, Path(checkpoint_path), device=(run or {}).get("device", "cpu"), **params)
-    return {**result.as_dict(), "seconds": round(time.perf_counter() - start, 2)}
+    return {**result.to_dict(), "seconds": round(time.perf_counter() - start, 2)}
