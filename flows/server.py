@@ -52,6 +52,8 @@ def start_server(
     api_url = f"http://{host}:{port}/api"
     log = home / "stamp-server.log"
     env = {**os.environ, "PREFECT_HOME": str(home)}
+    # the UI asks /ui-settings where the API is: without these it answers port 4200
+    env.update(PREFECT_SERVER_API_HOST=host, PREFECT_SERVER_API_PORT=str(port), PREFECT_UI_API_URL=api_url)
     env.pop("PREFECT_API_URL", None)
     with open(log, "ab") as fh:
         proc = subprocess.Popen(

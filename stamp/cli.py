@@ -73,6 +73,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--patients", type=int, default=32, help="number of synthetic patients (default 32)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
+    watch = sub.add_parser(
+        "watch", help="Watch a folder for new cohorts (READY + config.yaml) and trigger the cohort deployment"
+    )
+    watch.add_argument("inbox", type=Path, help="folder whose sub-folders are cohorts")
+    watch.add_argument("--interval", type=float, default=10.0, help="seconds between scans (default 10)")
+    watch.add_argument("--once", action="store_true", help="scan once and exit")
+
+    deploy_flows = sub.add_parser(
+        "deploy-flows", help="Create the work pools and register the deployments of deployments/prefect.yaml"
+    )
+    deploy_flows.add_argument(
+        "--pool",
+        action="append",
+        default=None,
+        metavar="POOL",
+        help="only this pool (name or type); repeatable",
+    )
+
     server = sub.add_parser("server", help="Run a local Prefect server + UI that stamp commands reuse")
     server.add_argument("--port", type=int, default=None, help="port (default: a free one)")
     mode = server.add_mutually_exclusive_group()
@@ -306,6 +324,36 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_watch(args: argparse.Namespace) -> int:
+    from stamp.logs import logger
+
+    target = _configure_prefect(args)
+    logger.info(target.describe())
+    from stamp_flows.watch import watch
+
+    started = watch(args.inbox, interval=args.interval, max_scans=1 if args.once else None)
+    print(f"watch: {len(started)} cohort(s) triggered" + (f": {', '.join(started)}" if started else ""))
+    return 0
+
+
+def _cmd_deploy_flows(args: argparse.Namespace) -> int:
+    target = _configure_prefect(args)
+    from stamp_flows.deployments import DeploymentError, deploy_flows
+
+    if target.mode == "embedded":
+        return _fail(
+            "deploy-flows needs a running Prefect server: start one with `stamp server --background` "
+            "or set PREFECT_API_URL"
+        )
+    try:
+        names = deploy_flows(pools=args.pool)
+    except DeploymentError as exc:
+        return _fail(str(exc))
+    for name in names:
+        print(f"deployed {name}")
+    return 0
+
+
 def _cmd_stage(args: argparse.Namespace) -> int:
     _text, issue = STAGE_COMMANDS[args.command]
     tracked = f"tracked in issue #{issue}" if issue else "no issue filed for it yet"
@@ -343,6 +391,8 @@ HANDLERS = {
     "statistics": _cmd_statistics,
     "heatmaps": _cmd_heatmaps,
     "run": _cmd_run,
+    "watch": _cmd_watch,
+    "deploy-flows": _cmd_deploy_flows,
 }
 
 

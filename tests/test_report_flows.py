@@ -118,3 +118,42 @@ def test_statistics_bad_input_is_one_line(tmp_path: Path) -> None:
     status, err = run_stamp("-c", str(cfg), "statistics")
     assert status == 1
     assert len(err) == 1 and "nope" in err[0] and "patient-preds.csv" in err[0]
+
+
+def test_heatmaps_command_fans_out_per_slide_and_one_bad_slide_fails_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from stamp.synthetic import SlideSpec, write_slide
+    from tests.test_heatmaps import H, MPP, W, _grid_features, _h5, _linear_ckpt
+
+    truth = write_slide(tmp_path / "wsi" / "a" / "good.svs", SlideSpec(width=W, height=H, mpp=MPP, seed=4))
+    write_slide(tmp_path / "wsi" / "b" / "bad.svs", SlideSpec(width=W, height=H, mpp=MPP, seed=5))
+    coords, feats, _ = _grid_features(truth)
+    _h5(tmp_path / "feats" / "a" / "good.h5", coords, feats)
+    _h5(tmp_path / "feats" / "b" / "bad.h5", coords, feats[:, :5])  # wrong feature dimension
+    ckpt = _linear_ckpt(tmp_path / "model.ckpt")
+    out = tmp_path / "heatmaps"
+    section = {
+        "output_dir": str(out),
+        "feature_dir": str(tmp_path / "feats"),
+        "wsi_dir": str(tmp_path / "wsi"),
+        "checkpoint_path": str(ckpt),
+        "topk": 2,
+        "bottomk": 1,
+        "device": "cpu",
+    }
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump({"heatmaps": section}))
+    assert main(["-c", str(cfg), "heatmaps"]) == 1, "a failed slide makes the command exit 1"
+    printed = capsys.readouterr().out
+    assert "failed: b/bad" in printed and "5-dim features" in printed
+    overview = out / "a" / "good" / "plots" / "overview-good.png"
+    assert overview.is_file() and len(list((out / "a" / "good" / "tiles").glob("top_*.jpg"))) == 2
+    assert not (out / "b").exists(), "nothing partial for the failed slide"
+    rows = artifacts("heatmaps-slides")[0].data
+    assert "b/bad" in rows and "failed" in rows and "a/good" in rows
+    assert "data:image/png;base64," in artifacts("heatmaps-gallery")[0].data
+
+    mtime = overview.stat().st_mtime_ns
+    assert main(["-c", str(cfg), "heatmaps"]) == 1
+    assert overview.stat().st_mtime_ns == mtime, "an unchanged slide comes from the cache"

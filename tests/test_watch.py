@@ -1,0 +1,261 @@
+"""``stamp watch``: complete cohort folders → one event each → one ``cohort`` run each, even across restarts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from stamp_flows.watch import (
+    EVENT_NAME,
+    READY_MARKER,
+    cohort_event_id,
+    emit_to_server,
+    pending_cohorts,
+    state_path,
+    watch,
+    watch_once,
+)
+
+
+def _cohort(inbox: Path, name: str, *, ready: bool = True, config: dict[str, Any] | None = None) -> Path:
+    folder = inbox / name
+    (folder / "slides").mkdir(parents=True, exist_ok=True)
+    cfg = config or {
+        "preprocessing": {
+            "output_dir": str(folder / "features"),
+            "wsi_dir": str(folder / "slides"),
+            "extractor": "demo",
+        }
+    }
+    (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
+    if ready:
+        (folder / READY_MARKER).touch()
+    return folder
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[Any] = []
+
+    def __call__(self, event: Any) -> None:
+        self.events.append(event)
+
+
+def test_only_complete_visible_folders_are_pending(tmp_path: Path) -> None:
+    _cohort(tmp_path, "a-ready")
+    _cohort(tmp_path, "b-copying", ready=False)  # config there, READY not yet
+    (tmp_path / "c-no-config").mkdir()
+    (tmp_path / "c-no-config" / READY_MARKER).touch()
+    _cohort(tmp_path, ".hidden")
+    (tmp_path / "loose-file.txt").write_text("x")
+    assert [c.name for c in pending_cohorts(tmp_path)] == ["a-ready"]
+    with pytest.raises(FileNotFoundError, match="inbox .*missing"):
+        pending_cohorts(tmp_path / "missing")
+
+
+def test_each_cohort_is_emitted_once_across_restarts(tmp_path: Path) -> None:
+    folder = _cohort(tmp_path, "cohort-1")
+    rec = Recorder()
+    assert watch_once(tmp_path, emit=rec) == ["cohort-1"]
+    (event,) = rec.events
+    assert event.event == EVENT_NAME
+    assert event.resource.id == "stamp.cohort.cohort-1"
+    assert event.payload["config_path"] == str((folder / "config.yaml").resolve())
+    assert event.payload["cohort_dir"] == str(folder.resolve())
+    record = json.loads(state_path(tmp_path, "cohort-1").read_text())
+    assert record["status"] == "emitted" and record["event_id"] == str(event.id)
+    # same watcher again, a "restarted" loop, then a second cohort arrives: only the new one is emitted
+    assert watch_once(tmp_path, emit=rec) == []
+    assert watch(tmp_path, interval=0, max_scans=2, emit=rec) == []
+    _cohort(tmp_path, "cohort-2")
+    assert watch_once(tmp_path, emit=rec) == ["cohort-2"]
+    assert [e.resource.id for e in rec.events] == ["stamp.cohort.cohort-1", "stamp.cohort.cohort-2"]
+    assert not list((tmp_path / ".stamp-watch").glob("*.tmp*"))  # records are written atomically
+
+
+def test_event_id_is_deterministic(tmp_path: Path) -> None:
+    folder = _cohort(tmp_path, "c")
+    first = pending_cohorts(tmp_path)[0]
+    assert (
+        pending_cohorts(tmp_path)[0].event_id
+        == first.event_id
+        == cohort_event_id(folder, first.config_sha256)
+    )
+    # a re-delivered cohort (READY written again) or a changed config is a new event
+    st = (folder / READY_MARKER).stat()
+    os.utime(folder / READY_MARKER, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert pending_cohorts(tmp_path)[0].event_id != first.event_id
+    assert cohort_event_id(folder, "0" * 64) != cohort_event_id(folder, first.config_sha256)
+
+
+def test_invalid_config_is_recorded_not_emitted(tmp_path: Path) -> None:
+    _cohort(tmp_path, "bad", config={"preprocessing": {"extractor": "demo", "tile_size_mu": 256}})
+    rec = Recorder()
+    assert watch_once(tmp_path, emit=rec) == []
+    assert rec.events == []
+    record = json.loads(state_path(tmp_path, "bad").read_text())
+    assert record["status"] == "invalid" and "tile_size_mu" in record["error"]
+    assert watch_once(tmp_path, emit=rec) == []  # not retried (and not logged) every scan
+
+
+def test_failed_emit_leaves_no_record_so_the_next_scan_retries(tmp_path: Path) -> None:
+    _cohort(tmp_path, "c")
+
+    def broken(event: Any) -> None:
+        raise ConnectionError("server down")
+
+    with pytest.raises(ConnectionError):
+        watch_once(tmp_path, emit=broken)
+    assert not state_path(tmp_path, "c").exists()
+    rec = Recorder()
+    assert watch_once(tmp_path, emit=rec) == ["c"]
+
+
+def test_emitting_needs_a_server(tmp_path: Path) -> None:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with (
+        temporary_settings(restore_defaults={PREFECT_API_URL}),
+        pytest.raises(RuntimeError, match="stamp server"),
+    ):
+        emit_to_server(object())
+
+
+# ----------------------------------------------------------------------------- end to end (slow)
+
+
+def _flow_runs(api: str, flow: str) -> list[dict[str, Any]]:
+    import httpx
+
+    resp = httpx.post(f"{api}/flow_runs/filter", json={"flows": {"name": {"any_": [flow]}}}, timeout=10)
+    resp.raise_for_status()
+    return resp.json()
+
+
+def _wait(api: str, flow: str, done: Any, timeout: float) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = _flow_runs(api, flow)
+        if done(runs) or time.monotonic() > deadline:
+            return runs
+        time.sleep(1)
+
+
+def _run_watcher(inbox: Path, env: dict[str, str]) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "stamp_flows.watch", str(inbox), "--once"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def _synthetic_cohort(folder: Path) -> Path:
+    from stamp.synthetic import SlideSpec, write_slide
+
+    for i in range(2):
+        write_slide(folder / "slides" / f"slide-{i}.svs", SlideSpec(width=1536, height=1536, mpp=0.5, seed=i))
+    config = {
+        "preprocessing": {
+            "output_dir": str(folder / "features"),
+            "wsi_dir": str(folder / "slides"),
+            "extractor": "demo",
+            "tile_size_um": 128.0,
+            "max_workers": 1,
+        },
+        "orchestration": {"task_concurrency": 1},
+    }
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    return folder / "config.yaml"
+
+
+@pytest.mark.slow
+def test_new_cohort_triggers_exactly_one_cohort_run(tmp_path: Path) -> None:
+    from stamp_flows.server import start_server, stop_server
+
+    home = tmp_path / "prefect-home"
+    times: dict[str, float] = {}
+    t0 = time.monotonic()
+    server, api = start_server(home)
+    times["server start"] = time.monotonic() - t0
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": api,
+        "PREFECT_WORKER_QUERY_SECONDS": "2",
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp_path / "results"),
+        "STAMP_CACHE_DIR": str(tmp_path / "stamp-cache"),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    worker = None
+    try:
+        t0 = time.monotonic()
+        code = (
+            "from stamp_flows.deployments import deploy_flows; print(deploy_flows(pools=['stamp-process']))"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "cohort/process" in out.stdout
+        times["deploy-flows (process pool)"] = time.monotonic() - t0
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "worker", "start", "--pool", "stamp-process", "--limit", "1"],
+            env=env,
+            stdout=open(tmp_path / "worker.log", "wb"),  # noqa: SIM115 - closed with the process
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+        inbox = tmp_path / "inbox"
+        config = _synthetic_cohort(inbox / "cohort-a")
+        (inbox / "half-copied").mkdir()  # no READY, no config: must be ignored
+        (inbox / "cohort-a" / READY_MARKER).touch()
+
+        t0 = time.monotonic()
+        assert "emitted 1 cohort(s): cohort-a" in _run_watcher(inbox, env)
+        times["watcher (one scan, own process)"] = time.monotonic() - t0
+        t_emit = time.monotonic()
+        runs = _wait(api, "cohort", lambda r: bool(r), 60)
+        times["event -> flow run created"] = time.monotonic() - t_emit
+        runs = _wait(
+            api, "cohort", lambda r: r and r[0]["state_type"] in ("COMPLETED", "FAILED", "CRASHED"), 240
+        )
+        times["event -> cohort run finished"] = time.monotonic() - t_emit
+        log = (tmp_path / "worker.log").read_text(errors="replace")[-3000:]
+        assert len(runs) == 1, runs
+        assert runs[0]["parameters"] == {"config_path": str(config.resolve())}
+        assert runs[0]["state_type"] == "COMPLETED", log
+        h5 = sorted((inbox / "cohort-a" / "features").rglob("*.h5"))
+        assert [p.name for p in h5] == ["slide-0.h5", "slide-1.h5"]
+
+        # restart the watcher: the record says "done"; then lose the record: the same event id is dropped
+        assert "emitted 0 cohort(s)" in _run_watcher(inbox, env)
+        state_path(inbox, "cohort-a").unlink()
+        assert "emitted 1 cohort(s): cohort-a" in _run_watcher(inbox, env)
+        time.sleep(8)  # > the trigger latency measured above
+        runs = _flow_runs(api, "cohort")
+        assert len(runs) == 1, runs
+        assert not list((inbox / "half-copied").iterdir())
+    finally:
+        if worker is not None:
+            os.killpg(worker.pid, signal.SIGTERM)
+            try:
+                worker.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+        stop_server(home)
+        server.wait(timeout=30)
+        print("\nwatch e2e timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
