@@ -1,14 +1,18 @@
-"""``stamp demo``: the pipeline on the built-in synthetic cohort, stage by stage, with timings.
+"""``stamp demo``: the whole pipeline on the built-in synthetic cohort, through the cohort flow.
 
-Runs every stage that is built so far as a subflow and ends with a short report (what
-was made, where, and how long each stage took). It also writes ``<out>/config.yaml``: a
-STAMP config for the synthetic cohort that the individual commands accept.
+Writes the synthetic cohort and ``<out>/config.yaml`` (a STAMP config for it that every command
+accepts), runs the ``cohort`` flow on that config (preprocess → crossval → statistics →
+heatmaps) and ends with a report: the crossval AUROC with its 95 % CI, the heatmaps'
+localisation score (share of top tiles inside the generator's planted regions, on the slides of
+patients the heatmap model never saw), time per stage, and where the outputs are.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import yaml
@@ -17,15 +21,13 @@ from prefect.artifacts import create_markdown_artifact
 
 from stamp.config import PreprocessingConfig, dump_config, load_config
 from stamp.logs import logger
-from stamp.modeling.stage import mean_ci
-from stamp_flows.modeling import run_crossval_flow
-from stamp_flows.preprocess import feature_dir, run_preprocess
+from stamp.synthetic_cohort import load_cohort
+from stamp_flows.cohort import cohort_flow
+from stamp_flows.preprocess import feature_dir
 from stamp_flows.synth import synth_flow
 
-NOT_BUILT = {
-    "statistics / heatmaps": 5,
-    "cohort flow, watch trigger, work pools, images": 6,
-}
+N_SPLITS = 5
+TOP_K = 5
 
 
 # Small enough for 2 CPU cores; STAMP's defaults (dim 512, 32 epochs, batch 64) are sized for GPUs.
@@ -46,7 +48,7 @@ def demo_config(out: Path, cohort: dict[str, Any]) -> dict[str, Any]:
         "output_dir": str(out / "features"),
         "wsi_dir": cohort["slides_dir"],
         "extractor": "demo",
-        "tile_size_um": 256.0,
+        "tile_size_um": 128.0,
         "tile_size_px": 224,
         "max_workers": 2,
     }
@@ -61,10 +63,25 @@ def demo_config(out: Path, cohort: dict[str, Any]) -> dict[str, Any]:
         "crossval": {
             "output_dir": str(out / "crossval"),
             "ground_truth_label": "isMSIH",
-            "n_splits": 5,
+            "n_splits": N_SPLITS,
             **tables,
         },
-        "training": {"output_dir": str(out / "train"), "ground_truth_label": "isMSIH", **tables},
+        "statistics": {
+            "output_dir": str(out / "statistics"),
+            "pred_csvs": [
+                str(out / "crossval" / f"split-{i}" / "patient-preds.csv") for i in range(N_SPLITS)
+            ],
+            "ground_truth_label": "isMSIH",
+            "true_class": "MSIH",
+        },
+        "heatmaps": {
+            "output_dir": str(out / "heatmaps"),
+            "feature_dir": feats,
+            "wsi_dir": cohort["slides_dir"],
+            "checkpoint_path": str(out / "crossval" / "split-0" / "model.ckpt"),
+            "topk": TOP_K,
+            "bottomk": TOP_K,
+        },
         "advanced_config": DEMO_ADVANCED,
         "orchestration": {"task_concurrency": 1},
     }
@@ -82,41 +99,83 @@ def write_demo_config(out: str, cohort: dict[str, Any]) -> str:
     return str(path)
 
 
+def auroc_ci(stats: dict[str, Any]) -> tuple[float, float, float]:
+    """Mean AUROC of class MSIH over the folds and its 95 % t-interval, from the statistics rows."""
+    for row in stats["rows"]:
+        if row.get("level") == "aggregate" and row.get("class") == "MSIH":
+            return row["roc_auc_score"], row["roc_auc_score_lo"], row["roc_auc_score_hi"]
+    raise ValueError("statistics produced no aggregate AUROC row for class MSIH")
+
+
+def localisation(root: Path, heatmaps: dict[str, Any], crossval_dir: Path) -> dict[str, Any]:
+    """Share of the top-5 MSIH tiles of positive slides that lie inside the planted regions.
+
+    ``centre``: the tile's centre lies in a planted region (all positive slides); ``area``: at
+    least half of the tile is planted; ``held_out``: centre rule on the positive slides of fold
+    0's test patients only (the heatmap model is fold 0's, so it never saw them).
+    """
+    from stamp.heatmaps import localisation_score
+
+    info = load_cohort(root)
+    truth = {r.truth.slide_path.resolve(): r for r in info.slides}
+    held_out = set(json.loads((crossval_dir / "splits.json").read_text())["splits"][0]["test_patients"])
+    pairs = []
+    for value in heatmaps["slides"]:
+        record = truth.get(Path(value["slide_path"]).resolve())
+        if record is not None and record.label == "MSIH":
+            pairs.append((SimpleNamespace(**value), record))
+
+    def score(subset: list[Any], region: str) -> float:
+        if not subset:
+            return float("nan")
+        results, truths = [r for r, _ in subset], [t.truth for _, t in subset]
+        return localisation_score(results, truths, k=TOP_K, positive="MSIH", region=region)
+
+    held = [p for p in pairs if p[1].patient in held_out]
+    return {
+        "centre": score(pairs, "centre"),
+        "area": score(pairs, "tile"),
+        "held_out": score(held, "centre"),
+        "slides": len(pairs),
+        "held_out_slides": len(held),
+    }
+
+
 @flow(name="demo")
 def demo_flow(out: str = "stamp-demo", patients: int = 32, seed: int = 0) -> str:
-    """Write the synthetic cohort, run the built stages on it and return the report text."""
+    """Write the synthetic cohort, run the cohort flow on it and return the report text."""
     root = Path(out).resolve()
-    timings: dict[str, float] = {}
     t0 = time.perf_counter()
     cohort = synth_flow(out=str(root / "cohort"), patients=patients, seed=seed)
-    timings["synthetic cohort"] = time.perf_counter() - t0
+    timings = {"synthetic cohort": time.perf_counter() - t0}
     config_path = write_demo_config(str(root), cohort)
     cfg = load_config(config_path)
-
-    t1 = time.perf_counter()
-    assert cfg.preprocessing is not None
-    pre = run_preprocess(cfg.preprocessing, cfg.orchestration.task_concurrency)
-    timings["preprocess"] = time.perf_counter() - t1
+    run = cohort_flow(config_path=config_path)
+    timings.update(run["seconds"])
+    stages = run["stages"]
+    pre, cv, stats, heat = (stages[k] for k in ("preprocess", "crossval", "statistics", "heatmaps"))
     kept = sum(int(r["tiles_kept"] or 0) for r in pre["rows"])
     statuses = ", ".join(f"{n} {s}" for s, n in pre["counts"].items() if n)
-
-    t2 = time.perf_counter()
-    assert cfg.crossval is not None and cfg.advanced_config is not None
-    cv = run_crossval_flow(cfg.crossval, cfg.advanced_config)
-    timings["crossval (5 folds, vit)"] = time.perf_counter() - t2
-    auroc, lo, hi = mean_ci([float(f["auroc_isMSIH"]) for f in cv["folds"]])
-
+    auroc, lo, hi = auroc_ci(stats)
+    assert cfg.crossval is not None and cfg.heatmaps is not None
+    loc = localisation(Path(cohort["root"]), heat, Path(cfg.crossval.output_dir))
+    roc = Path(stats["output_dir"]) / "roc-curve_isMSIH=MSIH.png"
     lines = [
         "STAMP demo on the synthetic cohort",
         f"  cohort:     {cohort['root']}  ({len(cohort['slides'])} slides; tables clini.csv, slide.csv)",
-        f"  config:     {config_path}  (use it with: stamp -c {config_path} <command>)",
+        f"  config:     {config_path}  (use it with: stamp -c {config_path} <command>, or stamp run)",
         f"  features:   {pre['feature_dir']}  ({statuses}; {kept} tiles; encoder 'demo', not for research use)",
         f"  crossval:   {cv['output_dir']}  (splits.json, split-*/model.ckpt, split-*/patient-preds.csv)",
-        f"  AUROC isMSIH over 5 folds: {auroc:.3f} (95% CI {lo:.3f}–{hi:.3f})",
+        f"  statistics: {stats['output_dir']}  (isMSIH_categorical-stats_*.csv, ROC: {roc.name})",
+        f"  heatmaps:   {heat['output_dir']}  ({len(heat['slides'])} slides: plots/, raw/, tiles/, *.geojson)",
+        f"  AUROC isMSIH=MSIH over {N_SPLITS} folds: {auroc:.3f} (95% CI {lo:.3f}–{hi:.3f})",
+        f"  heatmap localisation: {loc['centre']:.0%} of the top-{TOP_K} MSIH tiles of {loc['slides']} positive"
+        f" slides lie in planted regions (tile centre; {loc['area']:.0%} with >= half the tile planted;"
+        f" {loc['held_out']:.0%} on the {loc['held_out_slides']} slides fold 0's model never saw)",
         "  time per stage:",
         *(f"    {name:24s} {secs:6.1f} s" for name, secs in timings.items()),
         f"    {'total':24s} {time.perf_counter() - t0:6.1f} s",
-        "  not built yet: " + "; ".join(f"{k} (issue #{v})" for k, v in NOT_BUILT.items()),
+        "  open the plots: " + str(roc) + "; heatmaps: <heatmaps>/<slide>/plots/overview-<slide>.png",
     ]
     report = "\n".join(lines)
     create_markdown_artifact(key="demo-report", markdown="```\n" + report + "\n```", description="stamp demo")

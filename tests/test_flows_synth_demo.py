@@ -51,7 +51,10 @@ def test_demo_flow_report_and_config(tmp_path: Path) -> None:
     from stamp_flows.demo import demo_flow
 
     report = demo_flow(out=str(tmp_path / "demo"), patients=12, seed=0)
-    assert "synthetic cohort" in report and "total" in report and "AUROC isMSIH over 5 folds" in report
+    assert "synthetic cohort" in report and "total" in report and "AUROC isMSIH=MSIH over 5 folds" in report
+    assert "heatmap localisation:" in report and "% of the top-5 MSIH tiles" in report
+    for stage in ("preprocess", "crossval", "statistics", "heatmaps"):
+        assert f"    {stage}" in report, f"time of stage {stage} missing from the report"
     cfg = load_config(tmp_path / "demo" / "config.yaml")
     assert cfg.preprocessing is not None and cfg.preprocessing.extractor == "demo"
     assert Path(cfg.preprocessing.wsi_dir).is_dir()
@@ -59,3 +62,10 @@ def test_demo_flow_report_and_config(tmp_path: Path) -> None:
     assert _artifact("demo-report")
     assert cfg.crossval is not None and (Path(cfg.crossval.output_dir) / "splits.json").exists()
     assert len(list(Path(cfg.crossval.output_dir).glob("split-*/patient-preds.csv"))) == 5
+    assert cfg.statistics is not None and cfg.heatmaps is not None
+    assert (Path(cfg.statistics.output_dir) / "isMSIH_categorical-stats_aggregated.csv").is_file()
+    assert (Path(cfg.statistics.output_dir) / "roc-curve_isMSIH=MSIH.png").is_file()
+    overviews = list(Path(cfg.heatmaps.output_dir).glob("*/plots/overview-*.png"))
+    assert len(overviews) == len(list(Path(cfg.preprocessing.wsi_dir).glob("*.svs")))
+    for key in ("cohort-report", "statistics-metrics", "heatmaps-slides"):
+        assert _artifact(key), f"artifact {key} missing"

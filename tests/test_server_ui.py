@@ -26,6 +26,11 @@ DEMO_ARTIFACT_KEYS = (
     "preprocess-summary",
     "crossval-folds",
     "crossval-summary",
+    "statistics-metrics",
+    "statistics-plots",
+    "heatmaps-slides",
+    "heatmaps-gallery",
+    "cohort-report",
     "demo-report",
 )
 DEMO_PATIENTS = 12  # enough for 5 stratified folds, small enough for 2 cores

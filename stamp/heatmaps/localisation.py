@@ -23,14 +23,23 @@ class _Truth(Protocol):
 
 
 def top_tile_fractions(
-    result: SlideHeatmaps, truth: _Truth, k: int = 5, *, positive: str | None = None, by: str = "relevance"
+    result: SlideHeatmaps,
+    truth: _Truth,
+    k: int = 5,
+    *,
+    positive: str | None = None,
+    by: str = "relevance",
+    region: str = "tile",
 ) -> np.ndarray:
     """Planted fraction of each of the slide's ``k`` best tiles for class ``positive``.
 
     ``by``: ``"relevance"`` (the normalised gradient × input relevance, default) or ``"score"``
     (relevance × single-tile support, what the maps show). ``positive`` defaults to the slide's
-    predicted class (regression/survival: the single output).
+    predicted class (regression/survival: the single output). ``region``: ``"tile"`` measures
+    the whole tile, ``"centre"`` only a window of 1/8 of the tile side at its centre.
     """
+    if region not in ("tile", "centre"):
+        raise ValueError(f"region must be 'tile' or 'centre', not {region!r}")
     with np.load(result.arrays) as z:
         labels = [str(x) for x in z["labels"]]
         coords = z["coords_um"]
@@ -48,9 +57,13 @@ def top_tile_fractions(
         raise ValueError(f"by must be 'relevance' or 'score', not {by!r}")
     order = np.argsort(-values, kind="stable")[: max(0, int(k))]
     side = result.tile_size_um / result.mpp
+    win = side / 8 if region == "centre" else side
+    off = (side - win) / 2
     return np.array(
         [
-            truth.planted_fraction_at(coords[i, 0] / result.mpp, coords[i, 1] / result.mpp, side, side)
+            truth.planted_fraction_at(
+                coords[i, 0] / result.mpp + off, coords[i, 1] / result.mpp + off, win, win
+            )
             for i in order
         ]
     )
@@ -64,12 +77,14 @@ def localisation_score(
     positive: str | None = None,
     by: str = "relevance",
     min_fraction: float = 0.5,
+    region: str = "tile",
 ) -> float:
     """Share of the top-``k`` tiles (class ``positive``) that lie inside the planted regions.
 
     One result and its truth, or several: ``truth`` then is a sequence aligned with ``results``
     or a mapping from slide path (or slide name, or file stem) to truth; the share is pooled
-    over all their top tiles. A tile is inside when ≥ ``min_fraction`` of its area is planted.
+    over all their top tiles. A tile is inside when ≥ ``min_fraction`` of its area (``region="tile"``)
+    or of the window at its centre (``region="centre"``: the tile's centre lies in a region) is planted.
     """
     if isinstance(results, SlideHeatmaps):
         pairs = [(results, truth)]
@@ -84,7 +99,7 @@ def localisation_score(
             pairs = list(zip(results, truths, strict=True))
     inside = total = 0
     for r, t in pairs:
-        fr = top_tile_fractions(r, t, k, positive=positive, by=by)  # type: ignore[arg-type]
+        fr = top_tile_fractions(r, t, k, positive=positive, by=by, region=region)  # type: ignore[arg-type]
         inside += int((fr >= min_fraction).sum())
         total += len(fr)
     if total == 0:
