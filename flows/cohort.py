@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
@@ -107,17 +107,35 @@ def _in_process(stage: str, params: dict[str, Any], cfg: StampConfig) -> dict[st
     raise StageFailed(f"{stage}: no in-process runner")
 
 
-def _as_deployments(stage: str, name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Start one flow run of deployment ``name`` per parameter set, wait for all, fail if any failed."""
+def _as_deployments(
+    stage: str, name: str, runs: list[dict[str, Any]], timeout: float | None = None
+) -> dict[str, Any]:
+    """Start one flow run of deployment ``name`` per parameter set, wait for all, fail if any failed.
+
+    ``timeout`` (seconds): runs not final by then are cancelled and the stage fails.
+    """
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import FlowRun
     from prefect.deployments import run_deployment
 
-    started = [run_deployment(name, parameters=p, timeout=0, as_subflow=True) for p in runs]
+    started = [cast(FlowRun, run_deployment(name, parameters=p, timeout=0, as_subflow=True)) for p in runs]
     logger.info("%s: started %d run(s) of deployment %s", stage, len(started), name)
     pending = {r.id for r in started}
     states: dict[Any, Any] = {}
+    deadline = None if timeout is None else time.monotonic() + timeout
     with get_client(sync_client=True) as client:
         while pending:
+            if deadline is not None and time.monotonic() > deadline:
+                from prefect.states import Cancelled
+
+                for run_id in pending:
+                    client.set_flow_run_state(
+                        run_id, Cancelled(message="stamp run: deployment timeout"), force=True
+                    )
+                raise StageFailed(
+                    f"{stage}: {len(pending)} run(s) of deployment {name} not finished after {timeout:g} s "
+                    "(orchestration.deployment_timeout_s); is a worker polling its work pool? They were cancelled"
+                )
             for run_id in list(pending):
                 run = client.read_flow_run(run_id)
                 if run.state is not None and run.state.is_final():
@@ -139,8 +157,9 @@ def run_stage(stage: str, cfg: StampConfig) -> dict[str, Any]:
         return _in_process(stage, params, cfg)
     if stage == "preprocess":
         n = cfg.orchestration.preprocess_shards
-        return _as_deployments(stage, deployment, [{**params, "shard": i, "shards": n} for i in range(n)])
-    return _as_deployments(stage, deployment, [params])
+        shards = [{**params, "shard": i, "shards": n} for i in range(n)]
+        return _as_deployments(stage, deployment, shards, cfg.orchestration.deployment_timeout_s)
+    return _as_deployments(stage, deployment, [params], cfg.orchestration.deployment_timeout_s)
 
 
 def _report(config_path: str, timings: dict[str, float], outcomes: dict[str, str]) -> str:

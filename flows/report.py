@@ -44,12 +44,12 @@ def inline_png(path: str | Path, width: int = 360) -> str:
     """Markdown for a PNG shrunk to ``width`` px, inline as base64 (keeps artifacts small)."""
     from PIL import Image
 
-    with Image.open(path) as img:
-        img = img.convert("RGB")
-        if img.width > width:
-            img = img.resize((width, max(1, round(img.height * width / img.width))))
-        buf = io.BytesIO()
-        img.save(buf, format="PNG", optimize=True)
+    with Image.open(path) as opened:
+        img = opened.convert("RGB")
+    if img.width > width:
+        img = img.resize((width, max(1, round(img.height * width / img.width))))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=True)
     data = base64.b64encode(buf.getvalue()).decode()
     return f"![{Path(path).name}](data:image/png;base64,{data})"
 
@@ -100,7 +100,7 @@ def heatmaps_flow(section: dict[str, Any]) -> dict[str, Any]:
     plan = plan_heatmaps(sec)
     for skipped in plan.skipped:
         logger.warning("heatmaps: %s skipped: %s", skipped.slide_path, skipped.reason)
-    params = {"opacity": sec.opacity, "topk": sec.topk, "bottomk": sec.bottomk}
+    params: dict[str, Any] = {"opacity": sec.opacity, "topk": sec.topk, "bottomk": sec.bottomk}
     params.update(default_slide_mpp=sec.default_slide_mpp, ig_steps=sec.ig_steps)
     run = {"device": resolve_device(sec.device)}
 

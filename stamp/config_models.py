@@ -410,6 +410,7 @@ class OrchestrationConfig(_Section):
     task_concurrency: int = Field(default=2, ge=1)
     deployments: dict[StageName, DeploymentName] = Field(default_factory=dict)
     preprocess_shards: int = Field(default=1, ge=1)
+    deployment_timeout_s: float | None = Field(default=None, gt=0)
 
 
 # --------------------------------------------------------------------------- whole file

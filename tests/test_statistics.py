@@ -446,3 +446,9 @@ def test_bad_input_is_one_line_error_naming_csv(tmp_path: Path, case: str, needl
     if case != "bad_true_class":
         assert str(csv) in message
     assert isinstance(err.value, ValueError)
+
+
+def test_t_interval_is_clipped_to_the_metric_range() -> None:
+    mean, lo, hi = t_interval([0.55, 0.99, 1.0, 0.6, 1.0], bounds=(0.0, 1.0))
+    _, raw_lo, raw_hi = t_interval([0.55, 0.99, 1.0, 0.6, 1.0])
+    assert raw_hi > 1.0 and hi == 1.0 and lo == raw_lo and mean == pytest.approx(0.828)

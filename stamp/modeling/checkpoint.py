@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 from collections.abc import Mapping, Sequence
 from functools import cache
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 import stamp
+from stamp.fileio import atomic_path
 from stamp.hashing import code_hash
 
 __all__ = [
@@ -122,15 +122,8 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, meta: Mappin
         "meta": _jsonable(dict(meta)),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import Any
 from sklearn.model_selection import KFold, StratifiedKFold
 
 from stamp.config_models import AdvancedConfig
+from stamp.fileio import atomic_write_text
 from stamp.modeling.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, load_meta
 from stamp.modeling.losses import TargetCodec
 from stamp.modeling.predictions import (
@@ -90,16 +89,7 @@ def make_splits(cohort: Any, n_splits: int, seed: int | None) -> list[Split]:
 
 
 def _atomic_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def _read_splits(path: Path) -> list[Split]:

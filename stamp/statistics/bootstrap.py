@@ -49,10 +49,13 @@ def percentile_ci(values: np.ndarray) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
+def t_interval(
+    values: Sequence[float], confidence: float = 0.95, bounds: tuple[float, float] | None = None
+) -> tuple[float, float, float]:
     """Mean and Student-t interval ``mean ± t(1-α/2, n-1) · s/√n`` of the finite ``values``.
 
-    One value gives (value, NaN, NaN); none gives NaNs.
+    One value gives (value, NaN, NaN); none gives NaNs. ``bounds``: the metric's range (e.g.
+    ``(0, 1)`` for AUROC); the interval is clipped to it (an AUROC CI never reaches 1.36).
     """
     arr = np.asarray(values, dtype=np.float64)
     arr = arr[np.isfinite(arr)]
@@ -62,7 +65,10 @@ def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float
     if arr.size < 2:
         return mean, float("nan"), float("nan")
     half = float(stats.t.ppf(0.5 + confidence / 2, arr.size - 1) * arr.std(ddof=1) / np.sqrt(arr.size))
-    return mean, mean - half, mean + half
+    lo, hi = mean - half, mean + half
+    if bounds is not None:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+    return mean, lo, hi
 
 
 def _average_precision(y: np.ndarray, s: np.ndarray, n_pos: np.ndarray) -> np.ndarray:

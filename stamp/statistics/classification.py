@@ -142,7 +142,7 @@ def _target_statistics(
             if single:
                 mean, lo, hi = float(sub[metric].iloc[0]), *boots[cls].ci(metric)
             else:
-                mean, lo, hi = t_interval(sub[metric].to_numpy())
+                mean, lo, hi = t_interval(sub[metric].to_numpy(), bounds=(0.0, 1.0))
             agg[f"{metric}_mean"], agg[f"{metric}_ci_low"], agg[f"{metric}_ci_high"] = mean, lo, hi
         aggregated.append(agg)
     agg_df = pd.DataFrame(aggregated)

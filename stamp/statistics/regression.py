@@ -34,6 +34,14 @@ from stamp.statistics.tables import (
 __all__ = ["REGRESSION_METRICS", "regression_metrics", "regression_statistics", "regression_target"]
 
 REGRESSION_METRICS = ("r2_score", "pearson_r", "pearson_p", "mae", "rmse")
+#: Ranges of the metrics a t-interval is clipped to.
+METRIC_BOUNDS: dict[str, tuple[float, float]] = {
+    "r2_score": (-np.inf, 1.0),
+    "pearson_r": (-1.0, 1.0),
+    "pearson_p": (0.0, 1.0),
+    "mae": (0.0, np.inf),
+    "rmse": (0.0, np.inf),
+}
 _BOOTSTRAPPED = ("r2_score", "pearson_r", "mae", "rmse")
 
 
@@ -138,7 +146,7 @@ def regression_statistics(
             lo, hi = (row[f"{metric}_lo"], row[f"{metric}_hi"]) if metric in boot else (np.nan, np.nan)
             mean = float(ind[metric].iloc[0])
         else:
-            mean, lo, hi = t_interval(ind[metric].to_numpy())
+            mean, lo, hi = t_interval(ind[metric].to_numpy(), bounds=METRIC_BOUNDS.get(metric))
         agg[f"{metric}_mean"], agg[f"{metric}_ci_low"], agg[f"{metric}_ci_high"] = mean, lo, hi
     outcome.files.append(
         write_table(pd.DataFrame([agg]), out_dir / f"{safe_name(target)}_regression-stats_aggregated.csv")

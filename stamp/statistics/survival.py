@@ -210,7 +210,7 @@ def survival_statistics(
         outcome.files += [svg, png]
         outcome.plots.append(png)
     outcome.files.append(write_table(pd.DataFrame(rows), out_dir / "survival-stats_individual.csv"))
-    mean, lo, hi = t_interval([r["c_index"] for r in rows])
+    mean, lo, hi = t_interval([r["c_index"] for r in rows], bounds=(0.0, 1.0))
     for row in rows:
         outcome.rows.append(json_row(_flat("file", row, row["c_index"], float("nan"), float("nan"))))
     if len(rows) > 1:

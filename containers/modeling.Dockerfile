@@ -1,0 +1,85 @@
+# STAMP modeling stage: train / crossval / deploy MIL models on tile features (no encoder weights).
+# Build: containers/build.sh modeling [--cpu]   (context = the repository root)
+# Run:   podman run --rm --device nvidia.com/gpu=all -v CFG:/cfg:ro -v FEATS:/feats:ro -v OUT:/out \
+#          localhost/stamp-modeling:VERSION stamp -c /cfg/config.yaml crossval
+# The CUDA base only brings the OS and the NVIDIA container env: the torch wheels carry their own
+# CUDA libraries, so the small `base` flavour suffices (any CUDA image can be passed).
+ARG BASE_IMAGE=docker.io/nvidia/cuda:13.0.0-base-ubuntu24.04
+FROM ${BASE_IMAGE}
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+ARG DEBIAN_FRONTEND=noninteractive
+# the same lines serve Debian and Ubuntu bases, whose package versions differ (DL3008)
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --uid 10001 --create-home --home-dir /home/stamp --shell /bin/bash stamp
+
+ENV VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+# torch first (its own layer): PyPI's default build is the CUDA one. The CPU variant sets
+# TORCH_SPEC to the CPU wheel found in WHEELS_DIR (a mounted local wheel dir).
+ARG TORCH_SPEC="torch==2.14.1 torchvision==0.29.1"
+ARG TORCH_INDEX_URL=""
+ARG WHEELS_DIR=""
+ARG PIP_CERT_FILE=""
+# TORCH_SPEC holds pinned requirements, split on purpose (SC2086); hadolint cannot see the pins (DL3013)
+# hadolint ignore=SC2086,DL3013
+RUN --mount=type=cache,target=/root/.cache/pip \
+    if [ -n "$PIP_CERT_FILE" ]; then export PIP_CERT="$PIP_CERT_FILE"; fi \
+    && if [ -n "$WHEELS_DIR" ]; then export PIP_FIND_LINKS="$WHEELS_DIR"; fi \
+    && python3 -m venv /opt/venv \
+    && pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} $TORCH_SPEC
+
+# the project, from the build context, at /opt/stamp: deployments (deployments/prefect.yaml) run
+# flows/<stage>.py from there; the packages are installed into the venv from the same files
+COPY pyproject.toml README.m[d] /opt/stamp/
+COPY stamp /opt/stamp/stamp
+COPY tasks /opt/stamp/tasks
+COPY flows /opt/stamp/flows
+COPY containers/torchvision_shim.py /opt/stamp/containers/
+ARG STAMP_EXTRAS=""
+# a local project path, not a PyPI name (DL3013). The shim makes PyPI's torchvision import beside
+# the CPU torch (a no-op where its ops load); pip-freeze.txt records every installed version.
+# hadolint ignore=DL3013
+RUN --mount=type=cache,target=/root/.cache/pip \
+    if [ -n "$PIP_CERT_FILE" ]; then export PIP_CERT="$PIP_CERT_FILE"; fi \
+    && if [ -n "$WHEELS_DIR" ]; then export PIP_FIND_LINKS="$WHEELS_DIR"; fi \
+    && pip install "/opt/stamp${STAMP_EXTRAS:+[$STAMP_EXTRAS]}" \
+    && rm -rf /opt/stamp/build /opt/stamp/*.egg-info \
+    && site="$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
+    && cp /opt/stamp/containers/torchvision_shim.py "$site/stamp_torchvision_shim.py" \
+    && echo "import stamp_torchvision_shim" > "$site/stamp_torchvision_shim.pth" \
+    && pip freeze > /opt/stamp/pip-freeze.txt
+
+# no encoder runs here: only the lock (what produced the features) is recorded
+COPY containers/weights.lock.json /opt/stamp/containers/
+
+ENV HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+    STAMP_WEIGHTS_DIR=/opt/stamp/weights STAMP_WEIGHTS_LOCK=/opt/stamp/containers/weights.lock.json \
+    STAMP_HOME=/tmp/stamp STAMP_CACHE_DIR=/tmp/stamp-cache PREFECT_HOME=/tmp/prefect \
+    MPLCONFIGDIR=/tmp/matplotlib MPLBACKEND=Agg DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
+# smoke check; leaves nothing under /tmp (PREFECT_HOME etc. must be created by the run-time user)
+RUN python -c "import stamp, torch, prefect" && stamp --help > /dev/null \
+    && rm -rf /tmp/prefect /tmp/matplotlib /tmp/stamp /tmp/stamp-cache
+
+ARG BASE_IMAGE
+ARG BASE_DIGEST=unresolved
+ARG STAMP_VERSION=0.1.0
+ARG GIT_REVISION=unknown
+ARG WEIGHTS_LOCK_SHA256=unknown
+LABEL org.opencontainers.image.title="stamp-modeling" \
+      org.opencontainers.image.description="STAMP modeling: MIL train, crossval, deploy" \
+      org.opencontainers.image.version="${STAMP_VERSION}" \
+      org.opencontainers.image.revision="${GIT_REVISION}" \
+      org.opencontainers.image.licenses="MIT" \
+      org.opencontainers.image.base.name="${BASE_IMAGE}" \
+      org.opencontainers.image.base.digest="${BASE_DIGEST}" \
+      io.stamp.stage="modeling" \
+      io.stamp.torch="${TORCH_SPEC}" \
+      io.stamp.weights.lock.sha256="${WEIGHTS_LOCK_SHA256}"
+
+USER 10001
+WORKDIR /home/stamp
+CMD ["stamp", "--help"]
