@@ -9,7 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Protocol, cast
+
+from stamp import cli_stages
+from stamp.cli_support import configure_prefect as _configure_prefect
+from stamp.cli_support import fail as _fail
+from stamp.cli_support import load as _load
 
 # STAMP's commands, with what each does (in our words), and the issue that builds it.
 STAGE_COMMANDS: dict[str, tuple[str, int | None]] = {
@@ -99,29 +103,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fail(message: str, status: int = 1) -> int:
-    print(f"stamp: {message}", file=sys.stderr)
-    return status
-
-
-def _load(path: Path):  # noqa: ANN202 - StampConfig, imported lazily
-    from stamp.config import load_config
-
-    return load_config(path)
-
-
-def _configure_prefect(args: argparse.Namespace, cfg=None):  # noqa: ANN001, ANN202
-    from stamp_flows.runtime import configure_prefect
-
-    orch = getattr(cfg, "orchestration", None) if cfg is not None else None
-    return configure_prefect(
-        api_url=getattr(orch, "prefect_api_url", None),
-        prefect_home=getattr(orch, "prefect_home", None),
-        result_dir=getattr(orch, "result_dir", None),
-        verbosity=args.verbose,
-    )
-
-
 def _cmd_init(args: argparse.Namespace) -> int:
     from stamp.config import write_template
 
@@ -196,161 +177,10 @@ def _cmd_server(args: argparse.Namespace) -> int:
     return serve_foreground(target.home, port=args.port)
 
 
-class _StageSection(Protocol):
-    """A config section of a stage that writes output (every such section has ``output_dir``)."""
-
-    output_dir: Path
-
-
-def _start_stage(args: argparse.Namespace, section: str):  # noqa: ANN202
-    """Load the config, log to ``<output_dir>/logfile.log`` and log the section (STAMP-style)."""
-    from stamp.config import require_section, section_yaml
-    from stamp.logs import add_file_log, logger
-
-    cfg = _load(args.config)
-    sec = cast(_StageSection, require_section(cfg, section))
-    add_file_log(Path(sec.output_dir))
-    logger.info(
-        "stamp %s with %s, section %s:\n%s", args.command, args.config, section, section_yaml(cfg, section)
-    )
-    return cfg, sec
-
-
 def _cmd_encoders(args: argparse.Namespace) -> int:
     from stamp.encoders import encoder_table
 
     print(encoder_table())
-    return 0
-
-
-def _cmd_preprocess(args: argparse.Namespace) -> int:
-    if args.list_encoders:
-        return _cmd_encoders(args)
-    from stamp.logs import logger
-
-    cfg, sec = _start_stage(args, "preprocessing")
-    target = _configure_prefect(args, cfg)
-    logger.info(target.describe())
-    from stamp_flows.preprocess import run_preprocess, summary_line
-
-    result = run_preprocess(sec, cfg.orchestration.task_concurrency)
-    for row in result["rows"]:
-        if row["status"] in ("failed", "skipped"):
-            print(f"  {row['status']}: {row['slide']}: {row['reason']}")
-    print(summary_line(result))
-    return 1 if result["counts"]["failed"] else 0
-
-
-def _advanced(cfg):  # noqa: ANN001, ANN202
-    from stamp.config import AdvancedConfig
-
-    return (cfg.advanced_config or AdvancedConfig()).model_dump(mode="json")
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    cfg, sec = _start_stage(args, "training")
-    _configure_prefect(args, cfg)
-    from stamp_flows.modeling import train_flow
-
-    result = train_flow(section=sec.model_dump(mode="json"), advanced=_advanced(cfg))
-    print(
-        f"train: {result['train_patients']} train / {result['valid_patients']} valid patients → {result['checkpoint']}"
-    )
-    return 0
-
-
-def _cmd_crossval(args: argparse.Namespace) -> int:
-    cfg, sec = _start_stage(args, "crossval")
-    _configure_prefect(args, cfg)
-    from stamp_flows.modeling import crossval_flow
-
-    # folds run one at a time in a process: training sets global torch state (seeds, determinism)
-    result = crossval_flow(section=sec.model_dump(mode="json"), advanced=_advanced(cfg))
-    print(result["summary"], end="")
-    print(f"crossval: {len(result['folds'])} folds in {result['seconds']:.1f} s → {result['output_dir']}")
-    return 0
-
-
-def _cmd_deploy(args: argparse.Namespace) -> int:
-    cfg, sec = _start_stage(args, "deployment")
-    _configure_prefect(args, cfg)
-    from stamp_flows.modeling import deploy_flow
-
-    result = deploy_flow(section=sec.model_dump(mode="json"))
-    for path in result["files"]:
-        print(f"deploy: wrote {path}")
-    return 0
-
-
-def _cmd_statistics(args: argparse.Namespace) -> int:
-    cfg, sec = _start_stage(args, "statistics")
-    _configure_prefect(args, cfg)
-    from stamp_flows.report import statistics_flow
-
-    result = statistics_flow(section=sec.model_dump(mode="json"))
-    print(result["summary"].strip())
-    print(f"statistics: {len(result['files'])} files → {result['output_dir']}")
-    return 0
-
-
-def _cmd_heatmaps(args: argparse.Namespace) -> int:
-    cfg, sec = _start_stage(args, "heatmaps")
-    _configure_prefect(args, cfg)
-    from stamp_flows.report import heatmaps_flow, thread_pool
-
-    flow = heatmaps_flow.with_options(task_runner=thread_pool(cfg.orchestration.task_concurrency))
-    result = flow(section=sec.model_dump(mode="json"))
-    for row in result["rows"]:
-        if row["status"] != "done":
-            print(f"  {row['status']}: {row['slide']}: {row['reason']}")
-    print(f"heatmaps: {len(result['slides'])} slides in {result['seconds']:.1f} s → {result['output_dir']}")
-    return 1 if result["failed"] else 0
-
-
-def _cmd_run(args: argparse.Namespace) -> int:
-    from stamp.logs import logger
-
-    cfg = _load(args.config)
-    target = _configure_prefect(args, cfg)
-    logger.info(target.describe())
-    from stamp_flows.cohort import cohort_flow, stage_plan
-
-    try:
-        stage_plan(cfg, args.stages)
-    except ValueError as exc:
-        return _fail(str(exc))
-    result = cohort_flow(config_path=str(args.config.resolve()), stages=args.stages)
-    print(result["report"], end="")
-    return 0
-
-
-def _cmd_watch(args: argparse.Namespace) -> int:
-    from stamp.logs import logger
-
-    target = _configure_prefect(args)
-    logger.info(target.describe())
-    from stamp_flows.watch import watch
-
-    started = watch(args.inbox, interval=args.interval, max_scans=1 if args.once else None)
-    print(f"watch: {len(started)} cohort(s) triggered" + (f": {', '.join(started)}" if started else ""))
-    return 0
-
-
-def _cmd_deploy_flows(args: argparse.Namespace) -> int:
-    target = _configure_prefect(args)
-    from stamp_flows.deployments import DeploymentError, deploy_flows
-
-    if target.mode == "embedded":
-        return _fail(
-            "deploy-flows needs a running Prefect server: start one with `stamp server --background` "
-            "or set PREFECT_API_URL"
-        )
-    try:
-        names = deploy_flows(pools=args.pool)
-    except DeploymentError as exc:
-        return _fail(str(exc))
-    for name in names:
-        print(f"deployed {name}")
     return 0
 
 
@@ -384,15 +214,15 @@ HANDLERS = {
     "demo": _cmd_demo,
     "server": _cmd_server,
     "encoders": _cmd_encoders,
-    "preprocess": _cmd_preprocess,
-    "train": _cmd_train,
-    "crossval": _cmd_crossval,
-    "deploy": _cmd_deploy,
-    "statistics": _cmd_statistics,
-    "heatmaps": _cmd_heatmaps,
-    "run": _cmd_run,
-    "watch": _cmd_watch,
-    "deploy-flows": _cmd_deploy_flows,
+    "preprocess": cli_stages.cmd_preprocess,
+    "train": cli_stages.cmd_train,
+    "crossval": cli_stages.cmd_crossval,
+    "deploy": cli_stages.cmd_deploy,
+    "statistics": cli_stages.cmd_statistics,
+    "heatmaps": cli_stages.cmd_heatmaps,
+    "run": cli_stages.cmd_run,
+    "watch": cli_stages.cmd_watch,
+    "deploy-flows": cli_stages.cmd_deploy_flows,
 }
 
 

@@ -1,0 +1,157 @@
+"""Handlers of the ``stamp`` commands that run pipeline stages and orchestration.
+
+Each handler takes the parsed arguments and returns the exit status; heavy modules (config models,
+Prefect, torch) are imported inside the handler, so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from stamp.cli_support import configure_prefect as _configure_prefect
+from stamp.cli_support import fail as _fail
+from stamp.cli_support import load as _load
+from stamp.cli_support import start_stage as _start_stage
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    """`stamp preprocess`: slides → tile features; exit 1 when a slide failed."""
+    if args.list_encoders:
+        from stamp.encoders import encoder_table
+
+        print(encoder_table())
+        return 0
+    from stamp.logs import logger
+
+    cfg, sec = _start_stage(args, "preprocessing")
+    target = _configure_prefect(args, cfg)
+    logger.info(target.describe())
+    from stamp_flows.preprocess import run_preprocess, summary_line
+
+    result = run_preprocess(sec, cfg.orchestration.task_concurrency)
+    for row in result["rows"]:
+        if row["status"] in ("failed", "skipped"):
+            print(f"  {row['status']}: {row['slide']}: {row['reason']}")
+    print(summary_line(result))
+    return 1 if result["counts"]["failed"] else 0
+
+
+def _advanced(cfg):  # noqa: ANN001, ANN202
+    from stamp.config import AdvancedConfig
+
+    return (cfg.advanced_config or AdvancedConfig()).model_dump(mode="json")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """`stamp train`: one model on all usable patients."""
+    cfg, sec = _start_stage(args, "training")
+    _configure_prefect(args, cfg)
+    from stamp_flows.modeling import train_flow
+
+    result = train_flow(section=sec.model_dump(mode="json"), advanced=_advanced(cfg))
+    print(
+        f"train: {result['train_patients']} train / {result['valid_patients']} valid patients → {result['checkpoint']}"
+    )
+    return 0
+
+
+def cmd_crossval(args: argparse.Namespace) -> int:
+    """`stamp crossval`: k-fold cross-validation, one cached task per fold."""
+    cfg, sec = _start_stage(args, "crossval")
+    _configure_prefect(args, cfg)
+    from stamp_flows.modeling import crossval_flow
+
+    # folds run one at a time in a process: training sets global torch state (seeds, determinism)
+    result = crossval_flow(section=sec.model_dump(mode="json"), advanced=_advanced(cfg))
+    print(result["summary"], end="")
+    print(f"crossval: {len(result['folds'])} folds in {result['seconds']:.1f} s → {result['output_dir']}")
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    """`stamp deploy`: predictions of one or more checkpoints (+ ensemble)."""
+    cfg, sec = _start_stage(args, "deployment")
+    _configure_prefect(args, cfg)
+    from stamp_flows.modeling import deploy_flow
+
+    result = deploy_flow(section=sec.model_dump(mode="json"))
+    for path in result["files"]:
+        print(f"deploy: wrote {path}")
+    return 0
+
+
+def cmd_statistics(args: argparse.Namespace) -> int:
+    """`stamp statistics`: metrics with 95 % CIs and plots from prediction CSVs."""
+    cfg, sec = _start_stage(args, "statistics")
+    _configure_prefect(args, cfg)
+    from stamp_flows.report import statistics_flow
+
+    result = statistics_flow(section=sec.model_dump(mode="json"))
+    print(result["summary"].strip())
+    print(f"statistics: {len(result['files'])} files → {result['output_dir']}")
+    return 0
+
+
+def cmd_heatmaps(args: argparse.Namespace) -> int:
+    """`stamp heatmaps`: per-slide maps and top tiles; exit 1 when a slide failed."""
+    cfg, sec = _start_stage(args, "heatmaps")
+    _configure_prefect(args, cfg)
+    from stamp_flows.report import heatmaps_flow, thread_pool
+
+    flow = heatmaps_flow.with_options(task_runner=thread_pool(cfg.orchestration.task_concurrency))
+    result = flow(section=sec.model_dump(mode="json"))
+    for row in result["rows"]:
+        if row["status"] != "done":
+            print(f"  {row['status']}: {row['slide']}: {row['reason']}")
+    print(f"heatmaps: {len(result['slides'])} slides in {result['seconds']:.1f} s → {result['output_dir']}")
+    return 1 if result["failed"] else 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """`stamp run`: the cohort flow over every configured stage (or `--stages`)."""
+    from stamp.logs import logger
+
+    cfg = _load(args.config)
+    target = _configure_prefect(args, cfg)
+    logger.info(target.describe())
+    from stamp_flows.cohort import cohort_flow, stage_plan
+
+    try:
+        stage_plan(cfg, args.stages)
+    except ValueError as exc:
+        return _fail(str(exc))
+    result = cohort_flow(config_path=str(args.config.resolve()), stages=args.stages)
+    print(result["report"], end="")
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    """`stamp watch INBOX`: trigger the cohort deployment for each new complete cohort folder."""
+    from stamp.logs import logger
+
+    target = _configure_prefect(args)
+    logger.info(target.describe())
+    from stamp_flows.watch import watch
+
+    started = watch(args.inbox, interval=args.interval, max_scans=1 if args.once else None)
+    print(f"watch: {len(started)} cohort(s) triggered" + (f": {', '.join(started)}" if started else ""))
+    return 0
+
+
+def cmd_deploy_flows(args: argparse.Namespace) -> int:
+    """`stamp deploy-flows`: create the work pools and register the deployments."""
+    target = _configure_prefect(args)
+    from stamp_flows.deployments import DeploymentError, deploy_flows
+
+    if target.mode == "embedded":
+        return _fail(
+            "deploy-flows needs a running Prefect server: start one with `stamp server --background` "
+            "or set PREFECT_API_URL"
+        )
+    try:
+        names = deploy_flows(pools=args.pool)
+    except DeploymentError as exc:
+        return _fail(str(exc))
+    for name in names:
+        print(f"deployed {name}")
+    return 0
