@@ -20,7 +20,7 @@ from typing import Any, cast
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from stamp.config import StampConfig, load_config
+from stamp.config import StampConfig, load_config, rebase_paths
 from stamp.logs import logger
 from stamp_flows import logfilters
 
@@ -169,13 +169,20 @@ def _report(config_path: str, timings: dict[str, float], outcomes: dict[str, str
 
 
 @flow(name="cohort")
-def cohort_flow(config_path: str, stages: list[str] | None = None) -> dict[str, Any]:
+def cohort_flow(
+    config_path: str, stages: list[str] | None = None, relative_to_config: bool = False
+) -> dict[str, Any]:
     """Every configured stage of ``config_path`` in order, each as a subflow (or deployment run).
+
+    ``relative_to_config``: relative paths in the config are taken relative to its folder (a cohort
+    folder that carries its own config, as ``stamp watch`` starts them) instead of the working folder.
 
     Returns ``{"config": path, "stages": {stage: result}, "seconds": {stage: s}, "report": md}``.
     A failing stage stops the later stages (they need its outputs) and fails the flow run.
     """
     cfg = load_config(Path(config_path))
+    if relative_to_config:
+        cfg = rebase_paths(cfg, Path(config_path).parent)
     plan = stage_plan(cfg, stages)
     logger.info("cohort %s: stages %s", config_path, ", ".join(plan) or "(none)")
     results: dict[str, Any] = {}

@@ -4,8 +4,8 @@ Completeness rule: a sub-folder ``INBOX/<name>/`` is a complete cohort once it h
 *and* a ``config.yaml`` (the STAMP config of that cohort). Whoever copies a cohort in writes ``READY`` last
 (``touch READY`` after the copy has finished), so a half-copied folder is never picked up. Hidden folders
 (``.name``) are ignored. The config must load (:func:`stamp.config.load_config`); one that does not is
-recorded as ``invalid`` with its error and not emitted. Paths inside the config are used as written, so use
-absolute paths (the cohort flow's working directory is the worker's, not the cohort folder).
+recorded as ``invalid`` with its error and not emitted. The ``cohort/process`` deployment's trigger sets
+``relative_to_config``, so relative paths inside the config are taken relative to the cohort folder.
 
 Run-once rule: after emitting, the watcher writes ``INBOX/.stamp-watch/<name>.json`` (atomically) and never
 emits for that folder again while the record exists — across restarts. The event id is deterministic

@@ -31,6 +31,7 @@ __all__ = [
     "ConfigError",
     "dump_config",
     "load_config",
+    "rebase_paths",
     "require_section",
     "section_yaml",
     "template_text",
@@ -362,3 +363,24 @@ def write_template(path: Path | str) -> None:
         raise FileExistsError(
             f"{path} already exists; not overwriting it (remove it or pass another path with -c)"
         ) from None
+
+
+def _rebased(value: Any, base: Path) -> Any:
+    if isinstance(value, Path):
+        return value if value.is_absolute() else base / value
+    if isinstance(value, list):
+        return [_rebased(v, base) for v in value]
+    if isinstance(value, BaseModel):
+        updates = {name: _rebased(getattr(value, name), base) for name in type(value).model_fields}
+        return value.model_copy(update=updates)
+    return value
+
+
+def rebase_paths(cfg: StampConfig, base: Path | str) -> StampConfig:
+    """A copy of ``cfg`` whose relative paths are taken relative to ``base`` instead of the working folder.
+
+    STAMP resolves a config's relative paths against the folder a command runs in; a cohort folder
+    that travels with its own config.yaml (``stamp watch``) wants them relative to that folder.
+    """
+    return _rebased(cfg, Path(base).resolve())
+

@@ -133,7 +133,7 @@ def test_registered_deployments_read_back(registered: list[str]) -> None:
     assert automation.trigger.match.model_dump() == {"prefect.resource.id": "stamp.cohort.*"}
     (action,) = automation.actions
     assert action.deployment_id == cohort.id
-    assert action.parameters == {"config_path": "{{ event.payload.config_path }}"}
+    assert action.parameters == {"config_path": "{{ event.payload.config_path }}", "relative_to_config": True}
 
 
 def test_server_refuses_a_bad_job_variable(registered: list[str]) -> None:
