@@ -128,7 +128,7 @@ def test_heatmaps_command_fans_out_per_slide_and_one_bad_slide_fails_alone(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from stamp.synthetic import SlideSpec, write_slide
-    from tests.test_heatmaps import H, MPP, W, _grid_features, _h5, _linear_ckpt
+    from tests.test_heatmaps import MPP, H, W, _grid_features, _h5, _linear_ckpt
 
     truth = write_slide(tmp_path / "wsi" / "a" / "good.svs", SlideSpec(width=W, height=H, mpp=MPP, seed=4))
     write_slide(tmp_path / "wsi" / "b" / "bad.svs", SlideSpec(width=W, height=H, mpp=MPP, seed=5))

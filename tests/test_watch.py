@@ -167,10 +167,10 @@ def _synthetic_cohort(folder: Path) -> Path:
 
     for i in range(2):
         write_slide(folder / "slides" / f"slide-{i}.svs", SlideSpec(width=1536, height=1536, mpp=0.5, seed=i))
-    config = {
+    config = {  # paths relative to the cohort folder: the trigger runs the flow with relative_to_config
         "preprocessing": {
-            "output_dir": str(folder / "features"),
-            "wsi_dir": str(folder / "slides"),
+            "output_dir": "features",
+            "wsi_dir": "slides",
             "extractor": "demo",
             "tile_size_um": 128.0,
             "max_workers": 1,
@@ -236,7 +236,7 @@ def test_new_cohort_triggers_exactly_one_cohort_run(tmp_path: Path) -> None:
         times["event -> cohort run finished"] = time.monotonic() - t_emit
         log = (tmp_path / "worker.log").read_text(errors="replace")[-3000:]
         assert len(runs) == 1, runs
-        assert runs[0]["parameters"] == {"config_path": str(config.resolve())}
+        assert runs[0]["parameters"] == {"config_path": str(config.resolve()), "relative_to_config": True}
         assert runs[0]["state_type"] == "COMPLETED", log
         h5 = sorted((inbox / "cohort-a" / "features").rglob("*.h5"))
         assert [p.name for p in h5] == ["slide-0.h5", "slide-1.h5"]
