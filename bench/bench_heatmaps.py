@@ -61,8 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     feats = rng.normal(size=(args.tiles, args.dim)).astype(np.float32)
     side = int(np.ceil(np.sqrt(args.tiles)))
-    coords = np.stack([np.arange(args.tiles) % side, np.arange(args.tiles) // side], 1).astype(np.float32) * 256
-    head = Head.from_meta({"task": "classification", "categories": {"y": ["a", "b"]}, "ground_truth_label": "y"})
+    coords = (
+        np.stack([np.arange(args.tiles) % side, np.arange(args.tiles) // side], 1).astype(np.float32) * 256
+    )
+    head = Head.from_meta(
+        {"task": "classification", "categories": {"y": ["a", "b"]}, "ground_truth_label": "y"}
+    )
     bag = torch.from_numpy(feats)[None]
     xy = torch.from_numpy(coords)[None]
 

@@ -383,4 +383,3 @@ def rebase_paths(cfg: StampConfig, base: Path | str) -> StampConfig:
     that travels with its own config.yaml (``stamp watch``) wants them relative to that folder.
     """
     return _rebased(cfg, Path(base).resolve())
-

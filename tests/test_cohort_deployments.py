@@ -155,7 +155,9 @@ def test_deployment_runs_without_a_worker_time_out_and_are_cancelled(prefect_api
     assert "\n" not in str(err.value)
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs()
-    assert runs and all(r.state is not None and r.state.is_cancelled() for r in runs if r.name and r.deployment_id)
+    assert runs and all(
+        r.state is not None and r.state.is_cancelled() for r in runs if r.name and r.deployment_id
+    )
 
 
 # --------------------------------------------------------------------------- slow: real server + worker
