@@ -146,6 +146,10 @@ def _collect(future: PrefectFuture[Any], slide: Path, wsi_dir: Path, h5: Path, s
             future.wait()
             return _collect(future, slide, wsi_dir, h5, submit)
         _place(report, h5)
+        if report.get("status") == "reused":  # a finished h5 whose cache record was lost
+            return _row(
+                slide, wsi_dir, "cached", report, "reused the finished h5 (same slide, parameters, code)"
+            )
         return _row(slide, wsi_dir, "cached" if state.name == "Cached" else "done", report)
     try:
         future.result()

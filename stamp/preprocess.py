@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import cv2
+import h5py
 import numpy as np
 from tqdm import tqdm
 
@@ -121,6 +122,54 @@ class SlideReport:
     def as_dict(self) -> dict[str, Any]:
         """Plain dict (JSON-friendly)."""
         return asdict(self)
+
+
+def reuse_finished(
+    slide_path: Path,
+    h5_path: Path,
+    params: PreprocessParams,
+    weights_sha256: str,
+    slide_sha256: str,
+    code: str,
+) -> SlideReport | None:
+    """The report of an h5 already at ``h5_path`` that this very computation wrote, else ``None``.
+
+    It matches when its recorded slide sha256, parameters digest, weights digest, extractor and
+    code hash are this run's — e.g. a run killed after writing the h5 but before Prefect stored
+    the task's cache record. Then the slide is not computed again (STAMP skips existing h5s too,
+    but without checking what they came from).
+    """
+    if not all(p.exists() for p in output_paths(h5_path).values()):
+        return None
+    try:
+        with h5py.File(h5_path, "r") as h5:
+            attrs: dict[str, Any] = {
+                k: (v.decode() if isinstance(v, bytes) else v) for k, v in h5.attrs.items()
+            }
+            n_tiles = int(h5["feats"].shape[0]) if "feats" in h5 else 0
+    except (OSError, KeyError):
+        return None
+    wanted = {
+        "slide_sha256": slide_sha256,
+        "config_sha256": params.digest(),
+        "weights_sha256": weights_sha256,
+        "extractor": params.extractor,
+        "code_hash": code[:8],
+    }
+    if any(str(attrs.get(k)) != str(v) for k, v in wanted.items()) or n_tiles == 0:
+        return None
+    return SlideReport(
+        slide=str(slide_path),
+        status="reused",
+        h5=str(h5_path),
+        reader=attrs.get("reader"),
+        mpp=attrs.get("slide_mpp"),
+        mpp_source=attrs.get("mpp_source"),
+        mpp_effective=attrs.get("mpp_effective"),
+        read_level=attrs.get("read_level"),
+        tiles_kept=n_tiles,
+        stain_norm=params.stain_norm,
+    )
 
 
 def output_paths(h5_path: Path) -> dict[str, Path]:

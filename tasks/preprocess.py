@@ -16,7 +16,7 @@ from prefect import task
 
 from stamp.encoders import Encoder, load_encoder
 from stamp.hashing import DigestIndex
-from stamp.preprocess import PreprocessParams, extract_slide, preprocessing_code_hash
+from stamp.preprocess import PreprocessParams, extract_slide, preprocessing_code_hash, reuse_finished
 from stamp.slidelock import OutputLock
 from stamp.slides import TilingParams
 from stamp_tasks.cache import content_cache_policy
@@ -65,11 +65,22 @@ def preprocess_slide(
     if encoder.weights_sha256 != weights_sha256:
         raise RuntimeError(f"encoder weights changed during the run ({params['extractor']}); run again")
     digest = DigestIndex().sha256(slide_path)
+    params_obj = params_from(params, run)
     with OutputLock(Path(h5_path)):
+        reused = reuse_finished(
+            Path(slide_path),
+            Path(h5_path),
+            params_obj,
+            encoder.weights_sha256,
+            digest,
+            PREPROCESS_CODE_VERSION,
+        )
+        if reused is not None:  # finished by a run that died before its cache record was stored
+            return reused.as_dict()
         report = extract_slide(
             Path(slide_path),
             Path(h5_path),
-            params_from(params, run),
+            params_obj,
             encoder,
             slide_sha256=digest,
             code_hash_hex=PREPROCESS_CODE_VERSION,

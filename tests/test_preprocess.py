@@ -59,3 +59,25 @@ def test_failure_leaves_nothing_behind(tmp_path: Path, encoder) -> None:  # noqa
     with pytest.raises(SlideFailed, match="bad.svs: not a slide"):
         extract_slide(bad, h5, PreprocessParams(extractor="demo"), encoder)
     assert not any(p.exists() for p in output_paths(h5).values())
+
+
+def test_a_finished_h5_of_the_same_computation_is_reused(slide: Path, encoder, tmp_path: Path) -> None:  # noqa: ANN001
+    from dataclasses import replace
+
+    from stamp.preprocess import reuse_finished
+
+    params = PreprocessParams(extractor="demo", tiling=TilingParams(max_workers=2))
+    h5 = tmp_path / "pos.h5"
+    code = "c0de" * 16
+    done = extract_slide(slide, h5, params, encoder, slide_sha256="abc", code_hash_hex=code)
+    args = (slide, h5, params, encoder.weights_sha256, "abc", code)
+    reused = reuse_finished(*args)
+    assert reused is not None and reused.status == "reused" and reused.h5 == str(h5)
+    assert reused.tiles_kept == done.tiles_kept and reused.mpp_effective == pytest.approx(done.mpp_effective)
+    other = replace(params, tiling=TilingParams(tile_size_um=200.0))
+    assert reuse_finished(slide, h5, other, encoder.weights_sha256, "abc", code) is None, "other parameters"
+    assert reuse_finished(slide, h5, params, encoder.weights_sha256, "other slide", code) is None
+    assert reuse_finished(slide, h5, params, "other weights", "abc", code) is None
+    assert reuse_finished(slide, h5, params, encoder.weights_sha256, "abc", "f" * 64) is None, "other code"
+    output_paths(h5)["thumbnail"].unlink()
+    assert reuse_finished(*args) is None, "an incomplete set of outputs is computed again"
