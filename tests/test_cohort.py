@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import h5py
@@ -43,18 +42,6 @@ def _table(path: Path, rows: Sequence[Sequence[object]], columns: Sequence[str])
     else:
         df.to_csv(path, index=False)
     return path
-
-
-@pytest.fixture
-def stamp_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
-    """Capture the ``stamp`` logger even when it does not propagate (after setup_logging)."""
-    log = logging.getLogger("stamp")
-    log.addHandler(caplog.handler)
-    caplog.set_level(logging.DEBUG, logger="stamp")
-    try:
-        yield caplog
-    finally:
-        log.removeHandler(caplog.handler)
 
 
 def _classification_cohort(tmp_path: Path, n: int = 4) -> tuple[Path, Path, Path]:

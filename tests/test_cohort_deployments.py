@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 from uuid import UUID
 
 import pytest
@@ -25,6 +25,7 @@ from stamp.config import StampConfig, load_config
 from stamp_flows import cohort as cohort_mod
 from stamp_flows.cohort import stage_parameters, stage_plan
 from tests.conftest import REPO_ROOT
+from tests.local_prefect import deploy_from_repo, worker_env
 
 EXAMPLE_CONFIG = REPO_ROOT / "stamp" / "config.yaml"  # the shipped example: every section present
 
@@ -140,7 +141,6 @@ def test_preprocess_deployment_gets_one_run_per_shard(
 
 
 def test_deployment_runs_without_a_worker_time_out_and_are_cancelled(prefect_api: str) -> None:
-    from prefect import flow
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
 
@@ -148,8 +148,7 @@ def test_deployment_runs_without_a_worker_time_out_and_are_cancelled(prefect_api
 
     with get_client(sync_client=True) as client:
         client.create_work_pool(WorkPoolCreate(name="nobody-polls", type="process"), overwrite=True)
-    source = flow.from_source(source=str(REPO_ROOT), entrypoint="flows/report.py:statistics_flow")
-    source.deploy(name="idle", work_pool_name="nobody-polls", print_next_steps=False)
+    deploy_from_repo("flows/report.py:statistics_flow", "idle", "nobody-polls")
     with pytest.raises(StageFailed, match=r"statistics/idle not finished after 2 s .*worker polling") as err:
         _as_deployments("statistics", "statistics/idle", [{"section": {}}], timeout=2)
     assert "\n" not in str(err.value)
@@ -219,7 +218,6 @@ def _table_rows(client: Any, flow_run_id: UUID) -> list[dict[str, Any]]:
 @pytest.mark.slow
 @pytest.mark.timeout(480)
 def test_cohort_runs_preprocess_as_two_deployment_shards(tmp_path: Path) -> None:
-    from prefect import Flow, flow
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         FlowFilter,
@@ -240,33 +238,15 @@ def test_cohort_runs_preprocess_as_two_deployment_shards(tmp_path: Path) -> None
     t0 = time.monotonic()
     server, api = start_server(home)
     clock["server start"] = time.monotonic() - t0
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(home),
-        "PREFECT_API_URL": api,
-        "PREFECT_WORKER_QUERY_SECONDS": "2",
-        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp_path / "results"),
-        "STAMP_CACHE_DIR": str(tmp_path / "stamp-cache"),
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
+    env = worker_env(tmp_path, home, api)
     worker = None
     worker_log = tmp_path / "worker.log"
     try:
         t0 = time.monotonic()
         with temporary_settings({PREFECT_API_URL: api}):
             assert ensure_work_pools(["stamp-process"]) == ["stamp-process"]
-            source = cast(
-                Flow,
-                flow.from_source(source=str(REPO_ROOT), entrypoint="flows/preprocess.py:preprocess_flow"),
-            )
-            deployment_id = cast(
-                UUID,
-                source.deploy(
-                    name="shard-test",
-                    work_pool_name="stamp-process",
-                    print_next_steps=False,
-                    ignore_warnings=True,
-                ),
+            deployment_id = deploy_from_repo(
+                "flows/preprocess.py:preprocess_flow", "shard-test", "stamp-process", ignore_warnings=True
             )
         clock["pool + deploy"] = time.monotonic() - t0
         worker = subprocess.Popen(

@@ -35,18 +35,13 @@ from stamp.modeling.models.registry import build_model
 from stamp.slides import open_slide
 from stamp.synthetic import SlideSpec, SlideTruth, write_slide
 
+# tiny models on 2 shared cores: one intra-op thread is ~10x faster than spinning two
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 MPP, TILE_UM, DIM = 0.5, 100.0, 8
 TILE_PX0 = round(TILE_UM / MPP)  # 200 level-0 px
 W, H = 1600, 1200  # level-0 px → 800 x 600 µm → 8 x 6 tiles
 CLASSES = ["MSIH", "nonMSIH"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -15,26 +15,17 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 from stamp.config_models import AdvancedConfig, HeatmapsConfig
 from stamp.heatmaps import localisation_score, plan_heatmaps, render_slide, top_tile_fractions
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 TILE_UM = 128.0
 MODEL_PARAMS = {
     "vit": {"dim_model": 32, "dim_feedforward": 64, "n_heads": 2, "n_layers": 1},
     "abmil": {"dim_hidden": 32},
 }
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,28 +18,8 @@ from stamp.modeling.deploy import deploy, deployment_spec, predict
 from stamp.modeling.train import inner_split, train_model
 from tests.test_modeling_train import LABEL, NEG, POS, Tiny, tiny_advanced, tiny_cohort, write_tiny_cohort
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
-def stamp_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
-    """caplog on the ``stamp`` logger itself (it does not propagate once the CLI set up logging)."""
-    logger = logging.getLogger("stamp")
-    level, propagate = logger.level, logger.propagate
-    logger.addHandler(caplog.handler)
-    logger.setLevel(logging.DEBUG)
-    logger.propagate = False  # records once, whether or not the CLI set up logging before
-    caplog.handler.setLevel(logging.DEBUG)
-    yield caplog
-    logger.removeHandler(caplog.handler)
-    logger.setLevel(level)
-    logger.propagate = propagate
+# tiny models on 2 shared cores: one intra-op thread is ~10x faster than spinning two
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,9 @@ from stamp.modeling.losses import (
 from stamp.modeling.metrics import auroc, concordance_index, pearson_r
 from stamp.modeling.train import TRAINING_METRICS_NAME, inner_split, train_model
 
+# tiny models on 2 shared cores: one intra-op thread is ~10x faster than spinning two
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # ----------------------------------------------------------------------------------- tiny cohorts
 
 LABEL = "isMSIH"
@@ -292,15 +295,6 @@ def test_lightning_checkpoint_is_refused_with_a_message(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------- end to end
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    """Tiny models on 2 shared cores: one intra-op thread is ~10x faster than spinning two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _train(cohort: CohortData, out: Path, advanced: AdvancedConfig, **kw: Any) -> tuple[Path, dict[str, Any]]:

@@ -19,7 +19,6 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any, cast
-from uuid import UUID
 
 import h5py
 import pytest
@@ -32,6 +31,7 @@ from stamp_flows.slurm_worker import (
     parse_scontrol,
 )
 from tests.conftest import REPO_ROOT
+from tests.local_prefect import deploy_from_repo
 
 SLURM_DIR = REPO_ROOT / "deployments" / "slurm"
 POOL_VARIABLES = (
@@ -190,7 +190,6 @@ def test_preprocess_runs_as_a_slurm_job_through_the_pool() -> None:
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)
-    from prefect import Flow, flow
     from prefect.client.schemas.objects import FlowRun
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -256,27 +255,19 @@ def test_preprocess_runs_as_a_slurm_job_through_the_pool() -> None:
         config |= {"max_workers": 2, "device": "cpu", "generate_hash": False}
         with temporary_settings({PREFECT_API_URL: api}):
             asyncio.run(create_pool(pool, {"partition": "gpu", "time_limit": 0.5, "output_dir": str(work)}))
-            # sync calls of Prefect's sync-or-async API (typed as a union with the coroutine)
-            stage = cast(
-                Flow,
-                flow.from_source(source=str(REPO_ROOT), entrypoint="flows/preprocess.py:preprocess_flow"),
-            )
-            deployment_id = cast(
-                UUID,
-                stage.deploy(
-                    name="preprocess-slurm",
-                    work_pool_name=pool,
-                    parameters={"config": config},
-                    job_variables={
-                        "cpu": 2,
-                        "memory": 4,
-                        "gpus": 1,
-                        "working_dir": str(REPO_ROOT),
-                        "source_files": [str(REPO_ROOT / ".venv" / "bin" / "activate")],
-                        "env": {"STAMP_SLURM_TEST": "from-the-pool"},
-                    },
-                    print_next_steps=False,
-                ),
+            deployment_id = deploy_from_repo(
+                "flows/preprocess.py:preprocess_flow",
+                "preprocess-slurm",
+                pool,
+                parameters={"config": config},
+                job_variables={
+                    "cpu": 2,
+                    "memory": 4,
+                    "gpus": 1,
+                    "working_dir": str(REPO_ROOT),
+                    "source_files": [str(REPO_ROOT / ".venv" / "bin" / "activate")],
+                    "env": {"STAMP_SLURM_TEST": "from-the-pool"},
+                },
             )
             run = cast(FlowRun, run_deployment(deployment_id, timeout=0))
             clock["run_created"] = time.monotonic()

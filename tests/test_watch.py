@@ -24,6 +24,7 @@ from stamp_flows.watch import (
     watch,
     watch_once,
 )
+from tests.local_prefect import worker_env
 
 
 def _cohort(inbox: Path, name: str, *, ready: bool = True, config: dict[str, Any] | None = None) -> Path:
@@ -190,15 +191,7 @@ def test_new_cohort_triggers_exactly_one_cohort_run(tmp_path: Path) -> None:
     t0 = time.monotonic()
     server, api = start_server(home)
     times["server start"] = time.monotonic() - t0
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(home),
-        "PREFECT_API_URL": api,
-        "PREFECT_WORKER_QUERY_SECONDS": "2",
-        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp_path / "results"),
-        "STAMP_CACHE_DIR": str(tmp_path / "stamp-cache"),
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
+    env = worker_env(tmp_path, home, api)
     worker = None
     try:
         t0 = time.monotonic()
