@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -118,3 +122,53 @@ def test_missing_listed_slide_reports_on_open(wsi_dir: Path, tmp_path: Path) -> 
     with pytest.raises(SlideOpenError, match="file not found") as err:
         open_slide(path)
     assert "ghost.svs" in str(err.value)
+
+
+@contextmanager
+def _deadline(seconds: int) -> Iterator[None]:
+    """Fail instead of hanging: SIGALRM raises in the main thread after ``seconds``."""
+
+    def _expired(signum: int, frame: object) -> None:
+        raise TimeoutError(f"slide discovery still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, _expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_symlink_loop_ends(tmp_path: Path, stamp_log: pytest.LogCaptureFixture) -> None:
+    """L6: two `-> .` links gave ~2^40 paths; each folder is now entered once."""
+    root = tmp_path / "wsi"
+    _touch(root / "x.svs")
+    _touch(root / "sub" / "y.svs")
+    (root / "a").symlink_to(".")
+    (root / "b").symlink_to(".")
+    with _deadline(10):
+        found = find_slides(root)
+    assert found == [root / "sub" / "y.svs", root / "x.svs"]
+    warned = [r.getMessage() for r in stamp_log.records if r.levelno == logging.WARNING]
+    assert len(warned) == 2
+    assert str(root / "a") in warned[0] and str(root / "b") in warned[1]
+
+
+def test_symlinked_folder_outside_wsi_dir_yields_its_slides_once(tmp_path: Path) -> None:
+    """L6: linked-in cohorts are still searched, once, even when linked twice or linking back."""
+    root = tmp_path / "wsi"
+    _touch(root / "x.svs")
+    outside = tmp_path / "elsewhere"
+    _touch(outside / "z.svs")
+    _touch(outside / "deep" / "w.tiff")
+    (root / "cohort").symlink_to(outside)
+    (root / "cohort-again").symlink_to(outside)
+    (outside / "back").symlink_to(root)  # a loop through two links
+    with _deadline(10):
+        found = find_slides(root)
+    assert found == [
+        root / "cohort" / "deep" / "w.tiff",
+        root / "cohort" / "z.svs",
+        root / "x.svs",
+    ]

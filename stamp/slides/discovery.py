@@ -9,6 +9,9 @@ Differences from STAMP, on purpose:
   (its first ``.dcm`` file in sorted order), and only if OpenSlide recognises it as DICOM.
 * ``.mrxs`` companion folders (``<stem>/`` next to ``<stem>.mrxs``), hidden folders and AppleDouble
   files (``._*``) are not searched.
+* Symlinked folders are followed, but each folder (device, inode) is searched once: a symlink loop
+  is skipped with a warning instead of walking ~2^40 paths, and a folder reachable through two
+  paths yields its slides once (under the first path in sorted walk order).
 
 ``wsi_list``: ``.txt`` (one entry per line), ``.csv`` (first column), ``.xlsx``/``.xlsm`` (first
 column of the first sheet); no header row (as in STAMP); entries are paths relative to ``wsi_dir``
@@ -60,9 +63,32 @@ def _is_dicom_wsi(path: Path) -> bool:
 
 
 def _search(wsi_dir: Path) -> list[Path]:
+    """Walk ``wsi_dir``, following symlinked folders, but entering each folder (device, inode) once.
+
+    A symlink loop (``a -> .``) or a second link to a folder already searched is skipped with
+    a warning, so the walk ends and a slide reachable through two paths is returned once,
+    under the first path in (sorted, depth-first) walk order.
+    """
     found: list[Path] = []
+    visited: dict[tuple[int, int], Path] = {}
     for root, dirs, files in os.walk(wsi_dir, followlinks=True):
         root_path = Path(root)
+        try:
+            st = os.stat(root_path)
+        except OSError as exc:
+            _logger.warning("%s: not searched (%s)", root_path, exc.strerror)
+            dirs[:] = []
+            continue
+        first = visited.setdefault((st.st_dev, st.st_ino), root_path)
+        if first != root_path:
+            _logger.warning(
+                "%s leads to a folder already searched as %s (a symlink loop or a second link); "
+                "not searching it again",
+                root_path,
+                first,
+            )
+            dirs[:] = []
+            continue
         files = sorted(f for f in files if is_slide_name(f))
         mrxs_stems = {os.path.splitext(f)[0] for f in files if f.lower().endswith(".mrxs")}
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in mrxs_stems)
