@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import multiprocessing as mp
 import os
+import stat
+import time
 from pathlib import Path
 
+import pytest
+
 from stamp.hashing import DigestIndex, code_hash, file_sha256, stage_cache_key
+
+FOREIGN_UID = 12345
 
 
 def _write(path: Path, data: bytes) -> Path:
@@ -44,6 +52,137 @@ def test_renamed_file_same_digest(tmp_path: Path) -> None:
     moved.parent.mkdir()
     p.rename(moved)
     assert index.sha256(moved) == before
+
+
+def _entries(index_dir: Path) -> set[Path]:
+    return {p for p in index_dir.rglob("*.json")}
+
+
+def _memoise(index: DigestIndex, path: Path) -> Path:
+    """Look ``path`` up (computing it) and return the index entry file that lookup wrote."""
+    before = _entries(index.index_dir) if index.index_dir.exists() else set()
+    assert index.lookup(path).computed
+    (entry,) = _entries(index.index_dir) - before
+    return entry
+
+
+def test_rewrite_keeping_size_and_mtime_is_rehashed(tmp_path: Path) -> None:
+    """M7: `cp -p`, `rsync -t` or a restore keep size and mtime; the memo must still see new bytes."""
+    index = DigestIndex(tmp_path / "idx")
+    p = _write(tmp_path / "s.svs", b"A" * 100_000)
+    old = index.lookup(p)
+    assert old.computed and not index.lookup(p).computed
+    st = p.stat()
+    time.sleep(0.05)  # past the kernel's coarse timestamp tick, so the rewrite gets a new ctime
+    _write(p, b"B" * 100_000)
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    now = p.stat()
+    assert (now.st_size, now.st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    assert now.st_ctime_ns != st.st_ctime_ns, "test precondition: the rewrite must move ctime"
+    new = index.lookup(p)
+    assert new.computed and new.sha256 == hashlib.sha256(b"B" * 100_000).hexdigest() != old.sha256
+    # Replacing the file by another inode with the same size and mtime (cp -p onto a renamed name).
+    q = _write(tmp_path / "q.svs", b"C" * 100_000)
+    os.utime(q, ns=(st.st_atime_ns, st.st_mtime_ns))
+    q.replace(p)
+    assert index.sha256(p) == hashlib.sha256(b"C" * 100_000).hexdigest()
+
+
+def test_planted_entries_are_not_served(tmp_path: Path) -> None:
+    """M7: an entry claiming another file's digest for this file is ignored and recomputed."""
+    index = DigestIndex(tmp_path / "idx")
+    a = _write(tmp_path / "a.svs", b"a" * 4096)
+    b = _write(tmp_path / "b.svs", b"b" * 4096)
+    digest_a, digest_b = file_sha256(a), file_sha256(b)
+    entry_a, entry_b = _memoise(index, a), _memoise(index, b)
+    assert entry_a != entry_b
+
+    # 1. A's entry copied verbatim to B's entry name.
+    entry_b.write_bytes(entry_a.read_bytes())
+    got = index.lookup(b)
+    assert got.computed and got.sha256 == digest_b
+
+    # 2. B's own identity with A's digest, but the ctime of an earlier version of the file.
+    planted = json.loads(entry_b.read_text())
+    planted["sha256"] = digest_a
+    if "ctime_ns" in planted:
+        planted["ctime_ns"] -= 1
+    entry_b.write_text(json.dumps(planted))
+    got = index.lookup(b)
+    assert got.computed and got.sha256 == digest_b
+    assert not index.lookup(b).computed  # the recomputed entry replaced the planted one
+
+    # 3. A perfect entry for B's current identity with A's digest, written by someone else.
+    planted = json.loads(entry_b.read_text())
+    planted["sha256"] = digest_a
+    entry_b.write_text(json.dumps(planted))
+    os.chown(entry_b, FOREIGN_UID, FOREIGN_UID)
+    got = index.lookup(b)
+    assert got.computed and got.sha256 == digest_b
+
+
+def test_index_is_private(tmp_path: Path) -> None:
+    """M7: folders the index creates are 0700 and entries 0600, whatever the umask."""
+    cache = tmp_path / "cache"
+    index = DigestIndex(cache / "digests")
+    p = _write(tmp_path / "s.svs", b"s" * 1000)
+    old_umask = os.umask(0)
+    try:
+        entry = _memoise(index, p)
+    finally:
+        os.umask(old_umask)
+    for d in (cache, cache / "digests", entry.parent):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
+    assert stat.S_IMODE(entry.stat().st_mode) == 0o600
+    assert not [f for f in entry.parent.iterdir() if f.name.endswith(".tmp")]
+
+
+def _unsafe_group_writable(tmp_path: Path) -> Path:
+    d = tmp_path / "idx"
+    d.mkdir()
+    d.chmod(0o777)
+    return d
+
+
+def _unsafe_foreign_owner(tmp_path: Path) -> Path:
+    d = tmp_path / "idx"
+    d.mkdir(mode=0o700)
+    os.chown(d, FOREIGN_UID, FOREIGN_UID)
+    return d
+
+
+def _unsafe_parent(tmp_path: Path) -> Path:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cache.chmod(0o777)
+    return cache / "digests"
+
+
+def _unsafe_symlink(tmp_path: Path) -> Path:
+    real = tmp_path / "real-idx"
+    real.mkdir(mode=0o700)
+    (tmp_path / "idx").symlink_to(real)
+    return tmp_path / "idx"
+
+
+@pytest.mark.parametrize(
+    "make_dir", [_unsafe_group_writable, _unsafe_foreign_owner, _unsafe_parent, _unsafe_symlink]
+)
+def test_unsafe_index_dir_is_not_used(tmp_path: Path, stamp_log: pytest.LogCaptureFixture, make_dir) -> None:  # noqa: ANN001
+    """M7: an index others could write is never read or written; every lookup hashes in full."""
+    index_dir = make_dir(tmp_path)
+    modes = {d: d.lstat().st_mode for d in (index_dir, index_dir.parent) if os.path.lexists(d)}
+    p = _write(tmp_path / "s.svs", b"s" * 10_000)
+    index = DigestIndex(index_dir)
+    for _ in range(3):
+        got = index.lookup(p)
+        assert got.computed and got.sha256 == file_sha256(p)
+    assert DigestIndex(index_dir).lookup(p).computed
+    warnings = [r for r in stamp_log.records if r.levelno == logging.WARNING and r.name == "stamp"]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert "STAMP_CACHE_DIR" in warnings[0].getMessage()
+    assert not list(index_dir.parent.rglob("*.json"))
+    assert {d: d.lstat().st_mode for d in modes} == modes  # never chmod a folder it did not create
 
 
 def _key(digest: str, **params: object) -> str:
