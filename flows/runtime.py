@@ -86,12 +86,30 @@ def configure_prefect(
 
     Values already present in the environment win over the arguments, so a user's
     ``PREFECT_*`` variables keep their usual meaning.
+
+    ``PREFECT_HOME`` (database, logs, artifacts) and the result folder are created with mode
+    0700 when they do not exist yet (security review M6/M12); existing folders keep their mode.
     """
+
+    def make_private_dir(path: Path) -> None:
+        # Create path and its missing parents as 0700; chmod only the folders made here.
+        missing: list[Path] = []
+        probe = path
+        while not os.path.lexists(probe) and probe != probe.parent:
+            missing.append(probe)
+            probe = probe.parent
+        for folder in reversed(missing):
+            try:
+                folder.mkdir(mode=0o700)
+            except FileExistsError:
+                continue  # made by someone else meanwhile: not ours to chmod
+            os.chmod(folder, 0o700)  # mkdir's mode passes through the umask
+
     env = os.environ
     home = Path(env.get("PREFECT_HOME") or prefect_home or default_prefect_home()).expanduser()
     env.setdefault("PREFECT_HOME", str(home))
     home = Path(env["PREFECT_HOME"])
-    home.mkdir(parents=True, exist_ok=True)  # Prefect creates only the last path component
+    make_private_dir(home)  # Prefect creates only the last path component, with the umask's mode
     env.setdefault("DO_NOT_TRACK", "1")
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -100,6 +118,7 @@ def configure_prefect(
     env.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING" if verbosity < 2 else "INFO")
     if result_dir is not None:
         env.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(Path(result_dir).expanduser()))
+        make_private_dir(Path(env["PREFECT_RESULTS_LOCAL_STORAGE_PATH"]).expanduser())
 
     if env.get("PREFECT_API_URL"):
         return PrefectTarget("configured", env["PREFECT_API_URL"], home)
