@@ -81,7 +81,8 @@ def stage_parameters(stage: str, cfg: StampConfig) -> dict[str, Any]:
 def _in_process(stage: str, params: dict[str, Any], cfg: StampConfig) -> dict[str, Any]:
     concurrency = cfg.orchestration.task_concurrency
     if stage == "preprocess":
-        from stamp_flows.preprocess import preprocess_flow, thread_pool
+        from stamp_flows.preprocess import preprocess_flow
+        from stamp_flows.runners import thread_pool
 
         return preprocess_flow.with_options(task_runner=thread_pool(concurrency))(**params)
     if stage == "crossval":
@@ -101,7 +102,8 @@ def _in_process(stage: str, params: dict[str, Any], cfg: StampConfig) -> dict[st
 
         return statistics_flow(**params)
     if stage == "heatmaps":
-        from stamp_flows.report import heatmaps_flow, thread_pool
+        from stamp_flows.report import heatmaps_flow
+        from stamp_flows.runners import thread_pool
 
         return heatmaps_flow.with_options(task_runner=thread_pool(concurrency))(**params)
     raise StageFailed(f"{stage}: no in-process runner")
@@ -162,9 +164,18 @@ def run_stage(stage: str, cfg: StampConfig) -> dict[str, Any]:
     return _as_deployments(stage, deployment, [params], cfg.orchestration.deployment_timeout_s)
 
 
-def _report(config_path: str, timings: dict[str, float], outcomes: dict[str, str]) -> str:
+def _report(
+    config_path: str,
+    timings: dict[str, float],
+    outcomes: dict[str, str],
+    results: dict[str, Any] | None = None,
+) -> str:
     lines = [f"# cohort run: `{config_path}`", "", "| stage | outcome | seconds |", "|---|---|---|"]
     lines += [f"| {s} | {outcomes[s]} | {timings.get(s, 0.0):.1f} |" for s in outcomes]
+    used = ((results or {}).get("statistics") or {}).get("inputs") or []
+    if used:
+        lines += ["", "statistics used these prediction files:", "", "| file | sha256 |", "|---|---|"]
+        lines += [f"| `{i['file']}` | `{i['sha256']}` |" for i in used]
     return "\n".join(lines) + "\n"
 
 
@@ -203,6 +214,6 @@ def cohort_flow(
             raise StageFailed(f"cohort {config_path}: stage {stage} failed: {exc}") from exc
         timings[stage] = time.perf_counter() - t0
         outcomes[stage] = "completed"
-    report = _report(config_path, timings, outcomes)
+    report = _report(config_path, timings, outcomes, results)
     create_markdown_artifact(key="cohort-report", markdown=report)
     return {"config": str(config_path), "stages": results, "seconds": timings, "report": report}

@@ -20,6 +20,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
 from stamp.config import PreprocessingConfig, dump_config, load_config
+from stamp.fileio import atomic_path
 from stamp.logs import logger
 from stamp.synthetic_cohort import load_cohort
 from stamp_flows.cohort import cohort_flow
@@ -91,11 +92,10 @@ def demo_config(out: Path, cohort: dict[str, Any]) -> dict[str, Any]:
 def write_demo_config(out: str, cohort: dict[str, Any]) -> str:
     """Write ``<out>/config.yaml`` (validated through the same loader the commands use)."""
     path = Path(out) / "config.yaml"
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(demo_config(Path(out), cohort), sort_keys=False))
-    cfg = load_config(tmp)  # fails loudly if the demo config drifted from the schema
-    tmp.write_text("# Written by `stamp demo` for its synthetic cohort.\n" + dump_config(cfg))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(demo_config(Path(out), cohort), sort_keys=False))
+        cfg = load_config(tmp)  # fails loudly if the demo config drifted from the schema
+        tmp.write_text("# Written by `stamp demo` for its synthetic cohort.\n" + dump_config(cfg))
     return str(path)
 
 

@@ -4,25 +4,22 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import PrefectFuture
-from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from stamp.cohort import CohortData
 from stamp.config_models import AdvancedConfig, CrossvalConfig, DeploymentConfig, TrainingConfig
+from stamp.fileio import sweep_temps
 from stamp.logs import logger
-from stamp.modeling.crossval import fold_dir, prepare_splits
-from stamp.modeling.deploy import deployment_spec
-from stamp.modeling.stage import deployment_cohort, mean_ci, table_files, training_cohort
-from stamp_tasks.cache import missing_outputs
-from stamp_tasks.modeling import crossval_fold, deploy_models, fold_outputs, train_all
-
-
-def _pool(n: int) -> TaskRunner[PrefectFuture[Any]]:
-    return cast(TaskRunner[PrefectFuture[Any]], ThreadPoolTaskRunner(max_workers=n))
+from stamp.modeling.crossval import check_fold, fold_dir, prepare_splits
+from stamp.modeling.deploy import check_deployment, deployment_spec
+from stamp.modeling.stage import check_training, deployment_cohort, mean_ci, table_files, training_cohort
+from stamp_flows.runners import thread_pool
+from stamp_tasks.cache import served_or_recomputed
+from stamp_tasks.modeling import crossval_fold, deploy_models, train_all
 
 
 def warn_unused(sec: TrainingConfig) -> None:
@@ -56,7 +53,7 @@ def crossval_report(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], s
     return table, "\n".join(lines) + "\n"
 
 
-@flow(name="crossval", task_runner=_pool(1))
+@flow(name="crossval", task_runner=thread_pool(1))
 def crossval_flow(section: dict[str, Any], advanced: dict[str, Any]) -> dict[str, Any]:
     """Patient-level k-fold cross-validation: splits.json once, then one cached task per fold."""
     start = time.perf_counter()
@@ -65,6 +62,7 @@ def crossval_flow(section: dict[str, Any], advanced: dict[str, Any]) -> dict[str
     warn_unused(sec)
     cohort = training_cohort(sec)
     out = Path(sec.output_dir)
+    sweep_temps(out)  # what a killed run left behind
     splits = prepare_splits(cohort, out, sec.n_splits, adv.seed)
     tables = table_files(sec)
 
@@ -77,9 +75,11 @@ def crossval_flow(section: dict[str, Any], advanced: dict[str, Any]) -> dict[str
     futures = [submit(i) for i in range(len(splits))]
     rows = []
     for i, fut in enumerate(futures):
-        row = fut.result()
-        if missing_outputs(row, fold_outputs):  # cached result whose files were deleted
-            row = submit(i, refresh=True).result()
+        row = served_or_recomputed(
+            fut,
+            lambda _r, i=i: check_fold(cohort, splits[i], fold_dir(out, i), adv, sec.patient_label),
+            lambda i=i: submit(i, refresh=True),
+        )
         logger.info("fold %d: %s", i, {k: v for k, v in row.items() if k not in ("preds", "checkpoint")})
         rows.append(row)
     table, summary = crossval_report(rows)
@@ -88,36 +88,43 @@ def crossval_flow(section: dict[str, Any], advanced: dict[str, Any]) -> dict[str
     return {"output_dir": str(out), "folds": rows, "summary": summary, "seconds": time.perf_counter() - start}
 
 
-@flow(name="train", task_runner=_pool(1))
+@flow(name="train", task_runner=thread_pool(1))
 def train_flow(section: dict[str, Any], advanced: dict[str, Any]) -> dict[str, Any]:
     """Train one model on all usable patients (early stopping on an inner validation split)."""
     sec = TrainingConfig.model_validate(section)
+    adv = AdvancedConfig.model_validate(advanced)
     warn_unused(sec)
     cohort = training_cohort(sec)
-    result = train_all.submit(feature_files(cohort), table_files(sec), section, advanced, str(sec.output_dir))
-    value = result.result()
-    if missing_outputs(value, lambda r: [r["checkpoint"]]):
-        value = (
-            train_all.with_options(refresh_cache=True)
-            .submit(feature_files(cohort), table_files(sec), section, advanced, str(sec.output_dir))
-            .result()
-        )
+    out = Path(sec.output_dir)
+    sweep_temps(out, recursive=False)
+    args = (feature_files(cohort), table_files(sec), section, advanced, str(out))
+    value = served_or_recomputed(
+        train_all.submit(*args),
+        lambda _r: check_training(cohort, adv, out),
+        lambda: train_all.with_options(refresh_cache=True).submit(*args),
+    )
     create_markdown_artifact(
         key="train-summary", markdown=f"# train\n\ncheckpoint: `{value['checkpoint']}`\n"
     )
     return value
 
 
-@flow(name="deploy", task_runner=_pool(1))
+@flow(name="deploy", task_runner=thread_pool(1))
 def deploy_flow(section: dict[str, Any]) -> dict[str, Any]:
     """Predict a deployment cohort with one or more checkpoints (+ ensemble)."""
     sec = DeploymentConfig.model_validate(section)
     checkpoints = [str(p) for p in sec.checkpoint_paths]
     cohort = deployment_cohort(sec, deployment_spec([Path(c) for c in checkpoints]))
+    out = Path(sec.output_dir)
+    sweep_temps(out, recursive=False)
     args = (checkpoints, feature_files(cohort), table_files(sec), section)
-    value = deploy_models.submit(*args).result()
-    if missing_outputs(value, lambda r: r["files"]):
-        value = deploy_models.with_options(refresh_cache=True).submit(*args).result()
+    value = served_or_recomputed(
+        deploy_models.submit(*args),
+        lambda _r: check_deployment(
+            [Path(c) for c in checkpoints], cohort, out, patient_label=sec.patient_label
+        ),
+        lambda: deploy_models.with_options(refresh_cache=True).submit(*args),
+    )
     shown = {k: v for k, v in value.items() if k != "files"}
     create_markdown_artifact(
         key="deploy-summary",

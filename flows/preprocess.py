@@ -14,20 +14,31 @@ import random
 import shutil
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import PrefectFuture, as_completed
-from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from tqdm import tqdm
 
 from stamp.config import PreprocessingConfig, resolve_device
+from stamp.fileio import atomic_write_text, staged_file, sweep_temps
+from stamp.hashing import DigestIndex
 from stamp.logs import logger
-from stamp.preprocess import PreprocessParams, SlideFailed, output_paths
+from stamp.preprocess import (
+    PreprocessParams,
+    SlideFailed,
+    check_slide_outputs,
+    output_paths,
+    slide_provenance,
+    slide_subject,
+)
+from stamp.provenance import ForeignOutput, Provenance, publish_files
 from stamp.slidelock import SlideLocked
 from stamp.slides import TilingParams, find_slides
+from stamp_flows.runners import thread_pool
 from stamp_tasks.preprocess import PREPROCESS_CODE_VERSION, get_encoder, preprocess_slide
 
 
@@ -61,12 +72,36 @@ def feature_dir(cfg: PreprocessingConfig) -> Path:
 
 
 def h5_path_for(slide: Path, wsi_dir: Path, feat_dir: Path) -> Path:
-    """Mirror the slide's path under ``wsi_dir`` inside ``feat_dir``, with suffix ``.h5``."""
+    """Mirror the slide's path under ``wsi_dir`` inside ``feat_dir``, with suffix ``.h5``.
+
+    The path is taken as written (a slide in a symlinked sub-folder keeps that sub-folder); a slide
+    outside ``wsi_dir`` (a ``wsi_list`` entry) gets its file name only.
+    """
     try:
-        rel = slide.resolve().relative_to(wsi_dir.resolve())
+        rel = Path(os.path.normpath(slide)).relative_to(os.path.normpath(wsi_dir))
     except ValueError:
-        rel = Path(slide.name)
+        try:
+            rel = slide.resolve().relative_to(wsi_dir.resolve())
+        except ValueError:
+            rel = Path(slide.name)
     return feat_dir / rel.with_suffix(".h5")
+
+
+def colliding_outputs(h5_paths: dict[Path, Path]) -> dict[Path, str]:
+    """Slides that would share one h5 with another slide → the one-line reason they are refused."""
+    by_h5: dict[Path, list[Path]] = defaultdict(list)
+    for slide, h5 in h5_paths.items():
+        by_h5[h5].append(slide)
+    out: dict[Path, str] = {}
+    for h5, slides in by_h5.items():
+        if len(slides) > 1:
+            names = ", ".join(str(s) for s in sorted(slides))
+            for s in slides:
+                out[s] = (
+                    f"{len(slides)} slides would share the feature file {h5.name} ({names}); "
+                    "rename them or list them by paths under wsi_dir"
+                )
+    return out
 
 
 def params_from_config(cfg: PreprocessingConfig) -> PreprocessParams:
@@ -90,23 +125,42 @@ def params_from_config(cfg: PreprocessingConfig) -> PreprocessParams:
     )
 
 
-def _place(report: dict[str, Any], h5: Path) -> None:
-    """Make a cached result's files appear at this run's paths (moved slide or output folder)."""
-    src = Path(report["h5"])
-    if src == h5:
-        return
-    for kind, dst in output_paths(h5).items():
-        origin = output_paths(src)[kind]
-        if not origin.exists() or dst.exists():
-            continue
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-        try:
-            os.link(origin, tmp)
-        except OSError:
-            shutil.copy2(origin, tmp)
-        os.replace(tmp, dst)
-    report["h5"] = str(h5)
+def _place(origin: Path, h5: Path, slide: Path, expected: Provenance) -> None:
+    """Publish a cached unit found at ``origin`` at this run's ``h5`` too (moved slide or output folder)."""
+    staged = {}
+    try:
+        for kind, dst in output_paths(h5).items():
+            tmp = staged_file(dst)
+            tmp.unlink()
+            try:
+                os.link(output_paths(origin)[kind], tmp)
+            except OSError:
+                shutil.copy2(output_paths(origin)[kind], tmp)
+            staged[dst.name] = tmp
+        publish_files(
+            h5.parent, h5.name, staged, expected, subject=slide_subject(slide, str(expected.inputs["slide"]))
+        )
+    finally:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
+
+
+def _served_from_cache(report: dict[str, Any], slide: Path, h5: Path, expected: Provenance) -> str | None:
+    """Why a cached result cannot be served as it is (None: it can, possibly after placing it at ``h5``)."""
+    here = check_slide_outputs(slide, h5, expected)
+    if here.reusable:
+        return None
+    origin = Path(report["h5"])
+    if origin == h5:
+        return here.reason
+    there = check_slide_outputs(slide, origin, expected, digests=report.get("outputs") or None)
+    if not there.reusable:
+        return there.reason
+    try:
+        _place(origin, h5, slide, expected)
+    except (ForeignOutput, OSError) as exc:
+        return str(exc)
+    return None
 
 
 def _row(
@@ -136,21 +190,25 @@ def _reason(exc: BaseException, slide: Path) -> str:
     return text.removeprefix(f"{slide.name}: ")
 
 
-def _collect(future: PrefectFuture[Any], slide: Path, wsi_dir: Path, h5: Path, submit: Any) -> dict[str, Any]:
+def _collect(
+    future: PrefectFuture[Any], slide: Path, wsi_dir: Path, h5: Path, submit: Any, expected: Any
+) -> dict[str, Any]:
     future.wait()  # also refreshes future.state
     state = future.state
     if state.is_completed():
         report = future.result()
-        if not Path(report["h5"]).exists():  # cached result whose file was deleted: run it again
-            future = submit(refresh=True)
-            future.wait()
-            return _collect(future, slide, wsi_dir, h5, submit)
-        _place(report, h5)
-        if report.get("status") == "reused":  # a finished h5 whose cache record was lost
-            return _row(
-                slide, wsi_dir, "cached", report, "reused the finished h5 (same slide, parameters, code)"
-            )
-        return _row(slide, wsi_dir, "cached" if state.name == "Cached" else "done", report)
+        if state.name == "Cached":
+            why = _served_from_cache(report, slide, h5, expected())
+            if why is not None:  # the outputs are not what the cache says: compute (or reuse) on disk
+                logger.info("%s: cached result not served (%s)", slide.name, why)
+                future = submit(refresh=True)
+                future.wait()
+                return _collect(future, slide, wsi_dir, h5, submit, expected)
+            report["h5"] = str(h5)
+            return _row(slide, wsi_dir, "cached", report)
+        if report.get("status") == "reused":  # outputs whose provenance matches (cache record lost)
+            return _row(slide, wsi_dir, "cached", report, "reused the finished outputs (same provenance)")
+        return _row(slide, wsi_dir, "done", report)
     try:
         future.result()
     except Exception as exc:
@@ -170,11 +228,6 @@ def _summary_md(rows: list[dict[str, Any]], counts: dict[str, int], feat_dir: Pa
     return f"# preprocess summary\n\nfeatures: `{feat_dir}`\n\n{totals}\n\n{head}{body}"
 
 
-def thread_pool(max_workers: int) -> TaskRunner[PrefectFuture[Any]]:
-    """A ``ThreadPoolTaskRunner``, typed as ``flow`` expects (``TaskRunner`` is invariant in its future type)."""
-    return cast(TaskRunner[PrefectFuture[Any]], ThreadPoolTaskRunner(max_workers=max_workers))
-
-
 @flow(name="preprocess", task_runner=thread_pool(2))
 def preprocess_flow(config: dict[str, Any], shard: int = 0, shards: int = 1) -> dict[str, Any]:
     """Preprocess every slide of a ``preprocessing`` config section (given as a dict).
@@ -190,6 +243,7 @@ def preprocess_flow(config: dict[str, Any], shard: int = 0, shards: int = 1) -> 
     slides = sorted(find_slides(wsi_dir, cfg.wsi_list))[shard::shards]
     random.Random().shuffle(slides)  # system entropy: concurrent runs start on different slides
     feat_dir = feature_dir(cfg)
+    sweep_temps(feat_dir)  # what a killed run left behind
     device = resolve_device(cfg.device)
     encoder = get_encoder(cfg.extractor, str(cfg.weights_dir) if cfg.weights_dir else None, device)
     if not encoder.spec.research_use:
@@ -207,9 +261,14 @@ def preprocess_flow(config: dict[str, Any], shard: int = 0, shards: int = 1) -> 
     }
     logger.info("preprocess: %d slides → %s (encoder %s on %s)", len(slides), feat_dir, cfg.extractor, device)
 
+    h5_paths = {slide: h5_path_for(slide, wsi_dir, feat_dir) for slide in slides}
+    collisions = colliding_outputs(h5_paths)
+    rows = [
+        _row(slide, wsi_dir, "failed", None, collisions[slide]) for slide in slides if slide in collisions
+    ]
     jobs = []
-    for slide in slides:
-        h5 = h5_path_for(slide, wsi_dir, feat_dir)
+    for slide in (s for s in slides if s not in collisions):
+        h5 = h5_paths[slide]
 
         def submit(refresh: bool = False, slide: Path = slide, h5: Path = h5) -> PrefectFuture[Any]:
             task = preprocess_slide.with_options(
@@ -217,13 +276,16 @@ def preprocess_flow(config: dict[str, Any], shard: int = 0, shards: int = 1) -> 
             )
             return task.submit(str(slide), str(h5), params.cache_params(), encoder.weights_sha256, run)
 
-        jobs.append((slide, h5, submit, submit()))
-    by_future = {job[3]: job for job in jobs}
-    rows = []
+        def expected(slide: Path = slide) -> Provenance:
+            digest = DigestIndex().sha256(slide)
+            return slide_provenance(digest, params, encoder.weights_sha256, PREPROCESS_CODE_VERSION)
+
+        jobs.append((slide, h5, submit, expected, submit()))
+    by_future = {job[4]: job for job in jobs}
     with tqdm(total=len(jobs), desc="slides", unit="slide", disable=not sys.stderr.isatty()) as bar:
         for i, future in enumerate(as_completed(list(by_future)), 1):
-            slide, h5, submit, _ = by_future[future]
-            row = _collect(future, slide, wsi_dir, h5, submit)
+            slide, h5, submit, expected, _ = by_future[future]
+            row = _collect(future, slide, wsi_dir, h5, submit, expected)
             rows.append(row)
             bar.update()
             logger.info("[%d/%d] %s: %s %s", i, len(jobs), row["slide"], row["status"], row["reason"])
@@ -231,9 +293,7 @@ def preprocess_flow(config: dict[str, Any], shard: int = 0, shards: int = 1) -> 
     counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "cached", "skipped", "failed")}
     feat_dir.mkdir(parents=True, exist_ok=True)
     summary = _summary_md(rows, counts, feat_dir)
-    tmp = feat_dir / ".summary.md.tmp"
-    tmp.write_text(summary)
-    tmp.replace(feat_dir / "summary.md")
+    atomic_write_text(feat_dir / "summary.md", summary)
     create_table_artifact(key="preprocess-slides", table=rows, description=f"features in {feat_dir}")
     create_markdown_artifact(key="preprocess-summary", markdown=summary)
     return {

@@ -16,28 +16,24 @@ import base64
 import io
 import time
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import PrefectFuture
-from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from stamp.config import resolve_device
 from stamp.config_models import HeatmapsConfig, StatisticsConfig
+from stamp.fileio import sweep_temps
 from stamp.logs import logger
 from stamp_flows import logfilters
-from stamp_tasks.cache import missing_outputs
+from stamp_flows.runners import thread_pool
+from stamp_tasks.cache import served_or_recomputed
 from stamp_tasks.report import heatmap_slide, statistics_task
 
 logfilters.install()
 
 ARTIFACT_KEYS = ("statistics-metrics", "statistics-plots", "heatmaps-slides", "heatmaps-gallery")
-
-
-def thread_pool(max_workers: int) -> TaskRunner[PrefectFuture[Any]]:
-    """A ``ThreadPoolTaskRunner`` typed as ``flow`` expects."""
-    return cast(TaskRunner[PrefectFuture[Any]], ThreadPoolTaskRunner(max_workers=max_workers))
 
 
 def inline_png(path: str | Path, width: int = 360) -> str:
@@ -54,7 +50,7 @@ def inline_png(path: str | Path, width: int = 360) -> str:
     return f"![{Path(path).name}](data:image/png;base64,{data})"
 
 
-@flow(name="statistics")
+@flow(name="statistics", task_runner=thread_pool(1))
 def statistics_flow(section: dict[str, Any]) -> dict[str, Any]:
     """STAMP's statistics for a ``statistics`` section: tables with 95 % CIs and plots."""
     start = time.perf_counter()
@@ -67,9 +63,14 @@ def statistics_flow(section: dict[str, Any]) -> dict[str, Any]:
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
             + "; run crossval/deploy first or fix the path"
         )
-    result = statistics_task(csvs, section)
-    if missing_outputs(result, lambda r: r["files"]):
-        result = statistics_task.with_options(refresh_cache=True)(csvs, section)
+    from stamp.statistics.api import check_statistics
+
+    sweep_temps(Path(sec.output_dir), recursive=False)
+    result = served_or_recomputed(
+        statistics_task.submit(csvs, section),
+        lambda r: check_statistics(sec, [Path(f) for f in r["files"]]),
+        lambda: statistics_task.with_options(refresh_cache=True).submit(csvs, section),
+    )
     create_table_artifact(key="statistics-metrics", table=result["rows"], description=f"in {sec.output_dir}")
     images = "\n\n".join(f"{inline_png(p)}\n\n`{p}`" for p in result["plots"][:8])
     create_markdown_artifact(key="statistics-plots", markdown=f"{result['summary']}\n\n{images}\n")
@@ -94,9 +95,11 @@ def _slide_row(job: Any, status: str, value: dict[str, Any] | None, reason: str 
 def heatmaps_flow(section: dict[str, Any]) -> dict[str, Any]:
     """Heatmaps for every slide of a ``heatmaps`` section, one cached task per slide."""
     from stamp.heatmaps import plan_heatmaps
+    from stamp.heatmaps.render import check_heatmaps
 
     start = time.perf_counter()
     sec = HeatmapsConfig.model_validate(section)
+    sweep_temps(Path(sec.output_dir))  # what a killed run left behind
     plan = plan_heatmaps(sec)
     for skipped in plan.skipped:
         logger.warning("heatmaps: %s skipped: %s", skipped.slide_path, skipped.reason)
@@ -121,9 +124,11 @@ def heatmaps_flow(section: dict[str, Any]) -> dict[str, Any]:
     for job, fut in futures:
         fut.wait()
         try:
-            value = fut.result()
-            if missing_outputs(value, lambda r: r["files"]):
-                value = submit(job, refresh=True).result()
+            value = served_or_recomputed(
+                fut,
+                lambda _r, job=job: check_heatmaps(job, sec.checkpoint_path, **params),
+                lambda job=job: submit(job, refresh=True),
+            )
         except Exception as exc:  # one bad slide never stops the others
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             logger.error("heatmaps: %s failed: %s", job.name, reason)

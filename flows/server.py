@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from stamp.fileio import atomic_write_text
 from stamp_flows.runtime import server_file, server_is_healthy
 
 
@@ -60,9 +61,8 @@ def start_server(
             _server_cmd(host, port), env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
         )
     _wait_healthy(proc, api_url, timeout, log)
-    tmp = server_file(home).with_suffix(".tmp")
-    tmp.write_text(json.dumps({"api_url": api_url, "ui_url": f"http://{host}:{port}", "pid": proc.pid}))
-    tmp.replace(server_file(home))
+    info = {"api_url": api_url, "ui_url": f"http://{host}:{port}", "pid": proc.pid}
+    atomic_write_text(server_file(home), json.dumps(info), mode=0o600)
     return proc, api_url
 
 

@@ -9,18 +9,23 @@ from prefect import flow
 from prefect.artifacts import create_table_artifact
 
 from stamp.logs import logger
-from stamp_tasks.cache import run_ensuring_outputs
-from stamp_tasks.synth import cohort_outputs, write_synthetic_cohort
+from stamp.synthetic_cohort import DEFAULT_SIZE, check_cohort
+from stamp_flows.runners import thread_pool
+from stamp_tasks.cache import served_or_recomputed
+from stamp_tasks.synth import write_synthetic_cohort
 
 
-@flow(name="synth", log_prints=False)
+@flow(name="synth", log_prints=False, task_runner=thread_pool(1))
 def synth_flow(
     out: str, patients: int = 12, seed: int = 0, size: int | None = None, variants: bool = True
 ) -> dict[str, Any]:
     """Write (or reuse from the cache) a synthetic cohort under ``out``; publish its slide table."""
     out = str(Path(out).resolve())
-    result = run_ensuring_outputs(
-        write_synthetic_cohort, out, patients, seed, size, variants, outputs=cohort_outputs
+    args = (out, patients, seed, size, variants)
+    result = served_or_recomputed(
+        write_synthetic_cohort.submit(*args),
+        lambda _r: check_cohort(Path(out), patients, seed, size or DEFAULT_SIZE, variants=variants),
+        lambda: write_synthetic_cohort.with_options(refresh_cache=True).submit(*args),
     )
     create_table_artifact(key="synthetic-cohort", table=result["table"], description=result["summary"])
     logger.info(result["summary"])

@@ -235,13 +235,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 1
     from stamp.logs import logger, setup_logging
+    from stamp.stopping import StopRequested, handle_stop_signals
 
     setup_logging(args.verbose)
     handler = HANDLERS.get(args.command, _cmd_stage)
     try:
-        return handler(args)
-    except KeyboardInterrupt:
-        return _fail("interrupted", 130)
+        with handle_stop_signals():  # SIGTERM (docker stop, scancel) stops a run like Ctrl-C
+            return handler(args)
+    except (KeyboardInterrupt, StopRequested) as exc:
+        return _fail(f"interrupted ({exc or 'SIGINT'}); finished outputs are kept, nothing partial", 130)
     except Exception as exc:  # user-facing errors: one line; anything else: traceback in the log
         if isinstance(exc, _user_errors()):
             return _fail(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)

@@ -27,6 +27,8 @@ from stamp import STAMP_COMPAT_VERSION
 from stamp.fileio import atomic_path
 
 FEATURE_FORMAT_VERSION = 1
+#: h5 attribute holding the provenance (JSON: key, stage, inputs, settings, code, weights) of our files.
+PROVENANCE_ATTR = "stamp_provenance"
 FEAT_TYPES = ("tile", "slide", "patient")
 
 

@@ -1,17 +1,43 @@
-"""Small file-system helpers shared by every stage: atomic writes and process liveness.
+"""File-system primitives every stage writes through: durable atomic files and folders, temp sweeping.
 
-Contract 6: nothing partial is left where a finished output is expected. Writers produce
-a temp file in the target folder and ``os.replace`` it into place, so a reader sees
-either the old file, or the complete new one, never half of it.
+Contract 6: nothing partial is left where a finished output is expected.
+
+* :func:`atomic_path` yields an unpredictable temp name beside the target (``mkstemp``: ``O_EXCL``,
+  so a planted symlink is never followed); on success the temp file is fsynced, renamed over the
+  target and the folder fsynced, so after a crash or power loss a reader sees the old file or the
+  whole new one.
+* :func:`staging_dir` + :func:`publish_dir` do the same for a folder: it is built under a temp
+  name and swapped into place in one ``renameat2(RENAME_EXCHANGE)`` where the kernel has it.
+* Every temp name carries :data:`TEMP_TAG`, a hash of this host and the writer's PID, so
+  :func:`sweep_temps` can remove what a killed run left behind (its writer is gone, or it is
+  older than the stage's lock lifetime) and nothing else.
+
+Whether an existing output may be replaced at all is decided by :mod:`stamp.provenance`.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
+import hashlib
+import logging
 import os
+import re
+import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+_logger = logging.getLogger("stamp")
+
+TEMP_TAG = "stamp-tmp"
+OLD_TAG = "stamp-old"
+#: Temp files older than this are swept even when their writer cannot be checked (another host).
+DEFAULT_TEMP_LIFETIME_S = 24 * 3600.0
 
 
 def _current_umask() -> int:
@@ -21,43 +47,189 @@ def _current_umask() -> int:
 
 
 #: Read once at import (reading it means setting it, which is not thread-safe later).
-_FILE_MODE = 0o666 & ~_current_umask()
+_UMASK = _current_umask()
+_FILE_MODE = 0o666 & ~_UMASK
+_DIR_MODE = 0o777 & ~_UMASK
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_TEMP_RE = re.compile(rf"^\..*\.(?:{TEMP_TAG}|{OLD_TAG})-(?P<host>[0-9a-f]{{8}})-(?P<pid>\d+)-[^/]*$")
+_MAX_NAME = 120  # room for the tag, host, pid and mkstemp's random part within NAME_MAX (255)
+
+
+def temp_prefix(name: str, tag: str = TEMP_TAG) -> str:
+    """Prefix of a hidden temp name for ``name``: ``.<name>.<tag>-<host>-<pid>-`` (random part follows)."""
+    return f".{name[:_MAX_NAME]}.{tag}-{_HOST}-{os.getpid()}-"
+
+
+def fsync_path(path: str | os.PathLike[str]) -> None:
+    """Flush a file's or folder's data and metadata to disk."""
+    flags = os.O_RDONLY | (os.O_DIRECTORY if os.path.isdir(path) else 0)
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | os.PathLike[str]) -> None:
+    """fsync every file and folder under ``root`` (before a folder is published)."""
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            fsync_path(os.path.join(folder, name))
+        fsync_path(folder)
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temp path beside ``path``; on success it replaces ``path``, on error it is removed.
+def atomic_path(path: str | os.PathLike[str], *, mode: int | None = None) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; on success it replaces ``path`` durably, on error it is removed.
 
-    The file gets the usual permissions (``0o666`` minus the umask), not ``mkstemp``'s private
-    ``0o600``: outputs written by a container's user must stay readable on the host.
+    The file gets the usual permissions (``0o666`` minus the umask) unless ``mode`` is given, not
+    ``mkstemp``'s private ``0o600``: outputs written by a container's user must stay readable on the host.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.fchmod(fd, _FILE_MODE)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=temp_prefix(target.name))
+    os.fchmod(fd, _FILE_MODE if mode is None else mode)
     os.close(fd)
     try:
         yield Path(tmp)
+        fsync_path(tmp)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_path(target.parent)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically; return the path."""
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, mode: int | None = None) -> Path:
+    """Write ``data`` to ``path`` atomically and durably; return the path."""
+    with atomic_path(path, mode=mode) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
     return Path(path)
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically; return the path."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: str | os.PathLike[str], text: str, *, mode: int | None = None) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically and durably; return the path."""
+    return atomic_write_bytes(path, text.encode("utf-8"), mode=mode)
+
+
+def staged_file(final: str | os.PathLike[str]) -> Path:
+    """A new empty temp file beside ``final`` (normal permissions), for a caller that publishes it itself."""
+    target = Path(final)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=temp_prefix(target.name))
+    os.fchmod(fd, _FILE_MODE)
+    os.close(fd)
+    return Path(tmp)
+
+
+@contextmanager
+def staging_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a new empty temp folder beside ``final``; it is removed on error (not on success).
+
+    Fill it, then hand it to :func:`publish_dir` (which consumes it).
+    """
+    target = Path(final)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=temp_prefix(target.name)))
+    os.chmod(tmp, _DIR_MODE)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+_RENAME_EXCHANGE = 2
+_libc: ctypes.CDLL | None = None
+
+
+def _renameat2_exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    global _libc
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = _libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    res = fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
+    if res == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EXDEV, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def publish_dir(staging: Path, final: Path) -> None:
+    """Put the folder ``staging`` at ``final`` (replacing what is there) and fsync it.
+
+    The caller decides that replacing ``final`` is allowed (:mod:`stamp.provenance`). An existing
+    folder is swapped out in one atomic exchange and then removed; without ``renameat2`` it is
+    renamed aside first (a reader may then briefly find no folder, never a partial one).
+    """
+    fsync_tree(staging)
+    if final.is_dir() and not final.is_symlink():
+        if _renameat2_exchange(staging, final):
+            shutil.rmtree(staging, ignore_errors=True)  # now holds the old folder
+        else:
+            old = Path(tempfile.mkdtemp(dir=final.parent, prefix=temp_prefix(final.name, OLD_TAG)))
+            os.replace(final, old)  # onto the empty folder we just made
+            os.replace(staging, final)
+            shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+    fsync_path(final.parent)
+
+
+def _writer_gone(host: str, pid: int) -> bool:
+    return host == _HOST and pid != os.getpid() and not pid_alive(pid)
+
+
+def sweep_temps(
+    root: str | os.PathLike[str], *, recursive: bool = True, lifetime_s: float = DEFAULT_TEMP_LIFETIME_S
+) -> list[Path]:
+    """Remove temp files and folders of ours under ``root`` whose writer is gone; return what went.
+
+    A temp entry is ours when its name has the :func:`temp_prefix` form and it belongs to this
+    user. It is removed when its writer ran on this host and no longer runs (``kill -9``), or when
+    it is older than ``lifetime_s`` (writers on other hosts cannot be checked). Nothing else is touched.
+    """
+    base = Path(root)
+    if not base.is_dir():
+        return []
+    removed: list[Path] = []
+    now, me = time.time(), os.geteuid()
+    for folder, dirs, files in os.walk(base):
+        for name in [*dirs, *files]:
+            m = _TEMP_RE.match(name)
+            if m is None:
+                continue
+            path = Path(folder) / name
+            try:
+                st = path.lstat()
+            except FileNotFoundError:
+                continue
+            if st.st_uid != me:
+                continue
+            if not (_writer_gone(m["host"], int(m["pid"])) or now - st.st_mtime > lifetime_s):
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+        dirs[:] = [d for d in dirs if recursive and not _TEMP_RE.match(d)]
+    if removed:
+        _logger.info("removed %d temp file(s) left by an interrupted run under %s", len(removed), base)
+    return removed
 
 
 def pid_alive(pid: int) -> bool:
     """True when a process with this PID exists on this host (or we may not signal it)."""
+    if pid <= 0:
+        return True  # never a real writer: do not treat it as dead
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -65,3 +237,8 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def open_append_nofollow(path: str | os.PathLike[str]) -> int:
+    """An fd for appending to ``path`` that refuses a symlink at the final component (logs)."""
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, _FILE_MODE)

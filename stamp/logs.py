@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
+
+from stamp.fileio import open_append_nofollow
 
 LOGGER_NAME = "stamp"
 FILE_FORMAT = "%(asctime)s\t%(levelname)s\t%(message)s"
@@ -28,14 +31,24 @@ def setup_logging(verbosity: int = 0) -> logging.Logger:
     return logger
 
 
+class _NoFollowFileHandler(logging.FileHandler):
+    """A ``FileHandler`` that will not append through a symlink planted at the log's path."""
+
+    def _open(self):  # noqa: ANN202 - the base class's signature
+        return os.fdopen(open_append_nofollow(self.baseFilename), "a", encoding=self.encoding)
+
+
 def add_file_log(output_dir: Path) -> Path:
-    """Also log DEBUG records to ``<output_dir>/logfile.log`` (appending); return its path."""
+    """Also log DEBUG records to ``<output_dir>/logfile.log`` (appending); return its path.
+
+    A symlink at that path is refused (``OSError``): a shared output folder cannot redirect the log.
+    """
     output_dir.mkdir(parents=True, exist_ok=True)
-    path = (output_dir / LOGFILE_NAME).resolve()
+    path = output_dir.resolve() / LOGFILE_NAME
     for h in logger.handlers:
         if isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path:
             return path
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler = _NoFollowFileHandler(path, encoding="utf-8")
     handler.setLevel(logging.DEBUG)
     handler.setFormatter(logging.Formatter(FILE_FORMAT))
     logger.addHandler(handler)

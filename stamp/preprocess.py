@@ -4,8 +4,9 @@
 (:mod:`stamp.slides.tiling`) through a prefetch thread, so the encoder works on full
 batches while the next supertiles are being read. Tiles reach the encoder in the plan's
 order and in fixed-size batches, so features (and the h5 bytes) do not depend on thread
-timing. Outputs are written to temp names and renamed: the h5 last, as the marker of a
-finished slide.
+timing. Outputs are written to temp names and published as one unit with a provenance record
+(:mod:`stamp.provenance`); :func:`process_slide` reuses a slide's finished outputs only when their
+record says they come from the same slide bytes, parameters, weights and code.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,9 +28,23 @@ import numpy as np
 from tqdm import tqdm
 
 import stamp
-from stamp.features import write_tile_features
-from stamp.hashing import code_hash
+from stamp.features import PROVENANCE_ATTR, write_tile_features
+from stamp.fileio import staged_file
+from stamp.hashing import code_hash, file_sha256
 from stamp.logs import logger
+from stamp.provenance import (
+    Check,
+    ForeignOutput,
+    Provenance,
+    Subject,
+    Verdict,
+    canonical_json,
+    check_files,
+    publish_files,
+    read_record,
+    record_path,
+)
+from stamp.slidelock import OutputLock
 from stamp.slides import (
     SlideError,
     TilePlan,
@@ -41,6 +56,7 @@ from stamp.slides import (
 )
 from stamp.slides.qc import write_rejection_thumbnail, write_tissue_geojson
 from stamp.slides.readers import SlideReader
+from stamp.stopping import check_stop
 
 _PKG = Path(stamp.__file__).parent
 
@@ -118,46 +134,84 @@ class SlideReport:
     rejected_background: int = 0
     rejected_canny: int = 0
     stain_norm: str | None = None
+    outputs: dict[str, str] = field(default_factory=dict)  # file name → sha256 as published
 
     def as_dict(self) -> dict[str, Any]:
         """Plain dict (JSON-friendly)."""
         return asdict(self)
 
 
-def reuse_finished(
-    slide_path: Path,
-    h5_path: Path,
-    params: PreprocessParams,
-    weights_sha256: str,
-    slide_sha256: str,
-    code: str,
-) -> SlideReport | None:
-    """The report of an h5 already at ``h5_path`` that this very computation wrote, else ``None``.
+def slide_provenance(
+    slide_sha256: str, params: PreprocessParams, weights_sha256: str, code: str
+) -> Provenance:
+    """What a slide's features are computed from: its bytes, the feature parameters, weights and code."""
+    return Provenance(
+        stage="preprocess",
+        inputs={"slide": slide_sha256},
+        settings=params.cache_params(),
+        code=code,
+        weights=weights_sha256,
+    )
 
-    It matches when its recorded slide sha256, parameters digest, weights digest, extractor and
-    code hash are this run's — e.g. a run killed after writing the h5 but before Prefect stored
-    the task's cache record. Then the slide is not computed again (STAMP skips existing h5s too,
-    but without checking what they came from).
-    """
-    if not all(p.exists() for p in output_paths(h5_path).values()):
-        return None
+
+def slide_subject(slide_path: Path, slide_sha256: str) -> Subject:
+    """The slide an output unit is about (its resolved path and content digest)."""
+    return Subject(str(Path(slide_path).resolve()), slide_sha256)
+
+
+def _h5_attrs(h5_path: Path) -> dict[str, Any] | None:
     try:
         with h5py.File(h5_path, "r") as h5:
-            attrs: dict[str, Any] = {
-                k: (v.decode() if isinstance(v, bytes) else v) for k, v in h5.attrs.items()
-            }
-            n_tiles = int(h5["feats"].shape[0]) if "feats" in h5 else 0
+            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in h5.attrs.items()}
+            attrs["_n_tiles"] = int(h5["feats"].shape[0]) if "feats" in h5 else 0
+            return attrs
     except (OSError, KeyError):
         return None
-    wanted = {
-        "slide_sha256": slide_sha256,
-        "config_sha256": params.digest(),
-        "weights_sha256": weights_sha256,
-        "extractor": params.extractor,
-        "code_hash": code[:8],
-    }
-    if any(str(attrs.get(k)) != str(v) for k, v in wanted.items()) or n_tiles == 0:
-        return None
+
+
+def _claims(h5_path: Path) -> Callable[[Path], bool]:
+    """A file of the unit is ours when the unit's h5 carries our attributes (copied without its record)."""
+
+    def claims(path: Path) -> bool:
+        attrs = _h5_attrs(h5_path) if not h5_path.is_symlink() else None
+        return attrs is not None and (PROVENANCE_ATTR in attrs or "stamp_orchestrated_version" in attrs)
+
+    return claims
+
+
+def check_slide_outputs(
+    slide_path: Path, h5_path: Path, expected: Provenance, digests: dict[str, str] | None = None
+) -> Check:
+    """:class:`stamp.provenance.Check` of a slide's outputs at ``h5_path`` against ``expected``.
+
+    Reusable only when the unit's record matches and the h5's own ``stamp_provenance`` attribute
+    carries the same key; ``digests`` (from a private cache record) must match too when given.
+    """
+    names = [p.name for p in output_paths(h5_path).values()]
+    subject = slide_subject(slide_path, str(expected.inputs["slide"]))
+    check = check_files(
+        h5_path.parent, h5_path.name, names, expected, subject=subject, claims=_claims(h5_path)
+    )
+    if not check.reusable:
+        return check
+    attrs = _h5_attrs(h5_path) or {}
+    try:
+        recorded = json.loads(str(attrs.get(PROVENANCE_ATTR)))["key"]
+    except (ValueError, KeyError, TypeError):
+        recorded = None
+    if recorded != expected.key or not attrs.get("_n_tiles"):
+        return Check(Verdict.STALE, f"{h5_path.name}: its own provenance attribute differs")
+    if digests is not None:
+        record = read_record(record_path(h5_path.parent, h5_path.name))
+        if record is None or record.outputs != digests:
+            return Check(Verdict.STALE, f"{h5_path.name}: files differ from the ones the cache recorded")
+    return check
+
+
+def finished_report(slide_path: Path, h5_path: Path, expected: Provenance) -> SlideReport:
+    """The report of a slide whose outputs were reused (read back from the h5's attributes)."""
+    attrs = _h5_attrs(h5_path) or {}
+    settings = expected.settings
     return SlideReport(
         slide=str(slide_path),
         status="reused",
@@ -167,9 +221,44 @@ def reuse_finished(
         mpp_source=attrs.get("mpp_source"),
         mpp_effective=attrs.get("mpp_effective"),
         read_level=attrs.get("read_level"),
-        tiles_kept=n_tiles,
-        stain_norm=params.stain_norm,
+        tiles_kept=int(attrs.get("_n_tiles", 0)),
+        stain_norm=settings.get("stain_norm"),
+        outputs=_recorded_outputs(h5_path),
     )
+
+
+def _recorded_outputs(h5_path: Path) -> dict[str, str]:
+    record = read_record(record_path(h5_path.parent, h5_path.name))
+    return dict(record.outputs) if record is not None else {}
+
+
+def process_slide(
+    slide_path: Path,
+    h5_path: Path,
+    params: PreprocessParams,
+    encoder: TileEncoder,
+    *,
+    slide_sha256: str,
+    code: str,
+) -> SlideReport:
+    """One slide, start to finish: reuse its outputs if their provenance matches, else compute and publish.
+
+    Holds ``<h5>.lock`` meanwhile (another live run on the same output gets
+    :class:`stamp.slidelock.SlideLocked`). An output there that we did not write, or wrote for another
+    slide, fails this slide with :class:`SlideFailed` and is left alone.
+    """
+    expected = slide_provenance(slide_sha256, params, encoder.weights_sha256, code)
+    with OutputLock(h5_path):
+        check = check_slide_outputs(slide_path, h5_path, expected)
+        if check.reusable:
+            return finished_report(slide_path, h5_path, expected)
+        if check.verdict is Verdict.FOREIGN:
+            raise SlideFailed(slide_path, check.reason)
+        if check.verdict is Verdict.STALE:
+            logger.info("%s: computing again (%s)", slide_path.name, check.reason)
+        return extract_slide(
+            slide_path, h5_path, params, encoder, slide_sha256=slide_sha256, code_hash_hex=code
+        )
 
 
 def output_paths(h5_path: Path) -> dict[str, Path]:
@@ -265,6 +354,7 @@ def _encode_stream(
         buf_t, buf_c, buffered = [tiles[n:]], [cs[n:]], len(tiles) - n
 
     for batch in batches:
+        check_stop()  # SIGTERM / a cancelled run stops between batches
         buf_t.append(batch.tiles)
         buf_c.append(batch.coords_um)
         buffered += len(batch)
@@ -288,11 +378,48 @@ def extract_slide(
     """Tile, filter, (stain-normalise,) encode one slide and write its h5 + QC files.
 
     Raises :class:`SlideFailed` with a one-line reason for anything wrong with the slide
-    (unreadable, no mpp, no tissue, read error); nothing is left at ``h5_path`` then.
+    (unreadable, no mpp, no tissue, read error, an output there that is not ours); nothing is
+    left at ``h5_path`` then. The three files are published as one unit with their provenance.
     """
     start = time.perf_counter()
+    check_stop()
     report = SlideReport(slide=str(slide_path), stain_norm=params.stain_norm)
     code = code_hash_hex or preprocessing_code_hash()
+    digest = slide_sha256 or file_sha256(slide_path)
+    expected = slide_provenance(digest, params, encoder.weights_sha256, code)
+    paths = output_paths(h5_path)
+    staged = {kind: staged_file(p) for kind, p in paths.items()}
+    try:
+        _extract(slide_path, params, encoder, report, staged, expected, code)
+        publish_files(
+            h5_path.parent,
+            h5_path.name,
+            {paths[k].name: staged[k] for k in ("h5", "thumbnail", "tissue_geojson")},
+            expected,
+            subject=slide_subject(slide_path, digest),
+            claims=_claims(h5_path),
+        )
+    except ForeignOutput as exc:
+        raise SlideFailed(slide_path, str(exc)) from exc
+    finally:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
+    report.outputs = _recorded_outputs(h5_path)
+    report.h5 = str(h5_path)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _extract(
+    slide_path: Path,
+    params: PreprocessParams,
+    encoder: TileEncoder,
+    report: SlideReport,
+    staged: dict[str, Path],
+    expected: Provenance,
+    code: str,
+) -> None:
+    """Compute the slide's features and QC files into the ``staged`` temp files."""
     try:
         reader = open_slide(slide_path, params.reader)
     except SlideError as exc:
@@ -328,11 +455,10 @@ def extract_slide(
         report.rejected_background, report.rejected_canny = stats.rejected_background, stats.rejected_canny
         if len(coords) == 0:
             raise SlideFailed(slide_path, stats.no_tissue_reason())
-        paths = output_paths(h5_path)
-        write_rejection_thumbnail(reader, plan, coords, paths["thumbnail"])
-        write_tissue_geojson(plan.tissue_mask, plan.thumb_downsample, paths["tissue_geojson"])
+        write_rejection_thumbnail(reader, plan, coords, staged["thumbnail"])
+        write_tissue_geojson(plan.tissue_mask, plan.thumb_downsample, staged["tissue_geojson"])
     attrs: dict[str, Any] = {
-        "slide_sha256": slide_sha256,
+        "slide_sha256": expected.inputs["slide"],
         "weights_sha256": encoder.weights_sha256,
         "config_sha256": params.digest(),
         "reader": report.reader,
@@ -340,10 +466,11 @@ def extract_slide(
         "stain_norm": params.stain_norm or "none",
         "stain_params": json.dumps(stain_params) if stain_params else None,
         "stamp_orchestrated_version": stamp.__version__,
+        PROVENANCE_ATTR: canonical_json({"key": expected.key, **expected.as_dict()}),
         **{k: v for k, v in plan.describe().items() if k not in ("tile_size_um", "tile_size_px")},
     }
     write_tile_features(
-        h5_path,
+        staged["h5"],
         feats,
         coords,
         extractor=encoder.name,
@@ -352,10 +479,7 @@ def extract_slide(
         code_hash=code[:8],
         extra_attrs=attrs,
     )
-    report.h5 = str(h5_path)
-    report.seconds = time.perf_counter() - start
-    logger.debug("%s: %s → %s", slide_path.name, stats.summary(), h5_path)
-    return report
+    logger.debug("%s: %s", slide_path.name, stats.summary())
 
 
 def _stain(reader: SlideReader, plan: TilePlan, params: PreprocessParams, slide: Path) -> tuple[Any, Any]:

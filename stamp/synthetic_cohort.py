@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import tifffile
 
+from stamp.provenance import Check, Provenance, check_files, record_files
 from stamp.synthetic_slide import TRUTH_FORMAT_VERSION, SlideSpec, SlideTruth, write_slide
 
 DEFAULT_SIZE = 4096
@@ -290,6 +291,51 @@ def _install(build: Path, out: Path) -> None:
     shutil.rmtree(build)
 
 
+COHORT_UNIT = "synthetic-cohort"
+
+
+def cohort_provenance(
+    n_patients: int, seed: int, size: int, mpps: tuple[float, ...], variants: bool
+) -> Provenance:
+    """What a synthetic cohort is computed from: its arguments and the generator's code."""
+    from stamp.hashing import code_hash
+
+    code = code_hash(Path(__file__).parent.glob("synthetic*.py"))
+    settings = {
+        "n_patients": n_patients,
+        "seed": seed,
+        "size": size,
+        "mpps": list(mpps),
+        "variants": variants,
+    }
+    return Provenance(stage="synthetic-cohort", inputs={}, settings=settings, code=code)
+
+
+def cohort_files(out: Path) -> list[str]:
+    """The files of the cohort in ``out`` (relative paths), as they are on disk now."""
+    names = []
+    for item in _OWNED:
+        path = Path(out) / item
+        if path.is_file():
+            names.append(item)
+        elif path.is_dir():
+            names += [p.relative_to(out).as_posix() for p in sorted(path.rglob("*")) if p.is_file()]
+    return names
+
+
+def check_cohort(
+    out: Path,
+    n_patients: int = DEFAULT_PATIENTS,
+    seed: int = 0,
+    size: int = DEFAULT_SIZE,
+    mpps: tuple[float, ...] = (0.25, 0.5),
+    variants: bool = True,
+) -> Check:
+    """:class:`stamp.provenance.Check` of the cohort in ``out`` against these arguments."""
+    expected = cohort_provenance(n_patients, seed, size, tuple(mpps), variants)
+    return check_files(Path(out), COHORT_UNIT, cohort_files(Path(out)), expected)
+
+
 def write_cohort(
     out: Path,
     n_patients: int = DEFAULT_PATIENTS,
@@ -346,6 +392,12 @@ def write_cohort(
         info = CohortInfo(build, int(seed), int(size), records, patients, extras)
         (build / "truth.json").write_text(json.dumps(info.to_dict(), indent=1) + "\n")
         _install(build, out)
+        record_files(
+            out,
+            COHORT_UNIT,
+            cohort_files(out),
+            cohort_provenance(n_patients, seed, size, tuple(mpps), variants),
+        )
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)
         raise

@@ -8,9 +8,10 @@ The key is :func:`stamp.hashing.stage_cache_key` over
 * every other argument (the stage parameters), minus ``ignore_args``,
 * the task name, an explicit ``code_version`` and the encoder ``weights_sha256``.
 
-A cache hit does not check that the files a task returned still exist; call such tasks
-through :func:`run_ensuring_outputs`, which re-runs the task with ``refresh_cache`` when a
-cached result points at a deleted file (the record is then overwritten under the same key).
+A cache hit is only an index entry "this key was computed, here are its paths": before a
+cached result is served, :func:`served_or_recomputed` checks the outputs' own provenance
+(:mod:`stamp.provenance`) and re-runs the task with ``refresh_cache`` when they are not what
+this run would write (the record is then overwritten under the same key).
 
 Use :func:`content_cache_policy` to get the policy with SERIALIZABLE isolation and a
 file-system lock manager, so two processes computing the same key run it once.
@@ -21,18 +22,22 @@ from __future__ import annotations
 import json
 import os
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from prefect import Task
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
+from prefect.futures import PrefectFuture
 from prefect.locking.filesystem import FileSystemLockManager
 
 from stamp.fileio import atomic_write_text, pid_alive
 from stamp.hashing import DigestIndex, default_index_dir, stage_cache_key
+from stamp.logs import logger
+from stamp.provenance import Check
+
+R = TypeVar("R")
 
 
 @dataclass
@@ -167,39 +172,20 @@ def content_cache_policy(
     )
 
 
-R = TypeVar("R")
-
-
-def _as_paths(result: Any) -> list[Path]:
-    if result is None:
-        return []
-    if isinstance(result, (str, Path)):
-        return [Path(result)]
-    if isinstance(result, dict):
-        return [p for v in result.values() for p in _as_paths(v)]
-    if isinstance(result, (list, tuple)):
-        return [p for v in result for p in _as_paths(v)]
-    return []
-
-
-def missing_outputs(result: Any, outputs: Callable[[Any], Iterable[str | Path]] | None = None) -> list[Path]:
-    """Files named by a task result (or by ``outputs(result)``) that do not exist."""
-    paths = [Path(p) for p in outputs(result)] if outputs is not None else _as_paths(result)
-    return [p for p in paths if not p.exists()]
-
-
-def run_ensuring_outputs(
-    task: Task[..., R],
-    *args: Any,
-    outputs: Callable[[R], Iterable[str | Path]] | None = None,
-    **kwargs: Any,
+def served_or_recomputed(
+    future: PrefectFuture[R], verify: Callable[[R], Check], recompute: Callable[[], PrefectFuture[R]]
 ) -> R:
-    """Call ``task``; if its (cached) result names files that are gone, run it again uncached.
+    """The future's result; a *cached* result is served only if ``verify(result)`` says REUSE.
 
-    By default every ``str``/``Path`` in the result (also inside lists, tuples and dict
-    values) counts as an output file; pass ``outputs`` to choose them explicitly.
+    Otherwise the task is submitted again with ``refresh_cache`` (``recompute``), whose body checks
+    the outputs on disk itself and computes what is not reusable.
     """
-    result = task(*args, **kwargs)
-    if missing_outputs(result, outputs):
-        result = task.with_options(refresh_cache=True)(*args, **kwargs)
-    return result
+    future.wait()
+    value = future.result()
+    if future.state.name != "Cached":
+        return value
+    check = verify(value)
+    if check.reusable:
+        return value
+    logger.info("cached result not served: %s; computing again", check.reason)
+    return recompute().result()

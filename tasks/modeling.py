@@ -2,7 +2,8 @@
 
 A fold's key = sha256 of every feature file of its patients and of the tables + the split +
 the section and advanced settings + the modeling code version. Tasks return paths and small
-metric dicts, never tensors.
+metric dicts (JSON results), never tensors. The task bodies call the library's stage functions,
+which reuse or replace outputs by their provenance (:mod:`stamp.provenance`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from stamp.config_models import AdvancedConfig, CrossvalConfig, DeploymentConfig
 from stamp.modeling.checkpoint import CHECKPOINT_NAME, modeling_code_version
 from stamp.modeling.crossval import run_fold
 from stamp.modeling.deploy import deploy, deployment_spec
-from stamp.modeling.stage import deployment_cohort, preds_metrics, training_cohort
-from stamp.modeling.train import inner_split, train_model
+from stamp.modeling.stage import deployment_cohort, preds_metrics, run_training, training_cohort
 from stamp_tasks.cache import content_cache_policy
+from stamp_tasks.results import RESULT_OPTIONS
 
 MODELING_CODE_VERSION = modeling_code_version()
 MODELING_CACHE = content_cache_policy(
@@ -29,12 +30,7 @@ DEPLOY_CACHE = content_cache_policy(
 )
 
 
-def fold_outputs(result: dict[str, Any]) -> list[str]:
-    """Files a fold result promises (checked before a cached result is trusted)."""
-    return [result["preds"], result["checkpoint"]]
-
-
-@task(name="crossval-fold", cache_policy=MODELING_CACHE, persist_result=True)
+@task(name="crossval-fold", cache_policy=MODELING_CACHE, **RESULT_OPTIONS)
 def crossval_fold(
     index: int,
     split: dict[str, list[str]],
@@ -59,7 +55,7 @@ def crossval_fold(
     }
 
 
-@task(name="train-model", cache_policy=MODELING_CACHE, persist_result=True)
+@task(name="train-model", cache_policy=MODELING_CACHE, **RESULT_OPTIONS)
 def train_all(
     feature_files: list[str],
     tables: list[str],
@@ -71,13 +67,10 @@ def train_all(
     """Train one model on all patients of a ``training`` section (inner split for early stopping)."""
     sec = TrainingConfig.model_validate(section)
     adv = AdvancedConfig.model_validate(advanced)
-    cohort = training_cohort(sec)
-    train, valid = inner_split(cohort.patients, cohort, adv.seed)
-    checkpoint = train_model(train, valid, cohort, advanced=adv, output_dir=Path(output_dir), seed=adv.seed)
-    return {"checkpoint": str(checkpoint), "train_patients": len(train), "valid_patients": len(valid)}
+    return run_training(training_cohort(sec), adv, Path(output_dir))
 
 
-@task(name="deploy-models", cache_policy=DEPLOY_CACHE, persist_result=True)
+@task(name="deploy-models", cache_policy=DEPLOY_CACHE, **RESULT_OPTIONS)
 def deploy_models(
     checkpoints: list[str],
     feature_files: list[str],

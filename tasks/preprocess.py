@@ -3,7 +3,9 @@
 Key = slide content sha256 + the parameters that change features (tiling, tissue, stain,
 reader, mpp fallback, extractor) + encoder weights digest + preprocessing code version.
 The output path is not part of the key: a moved slide or output folder hits the cache and
-the flow links the cached h5 to the new place. Failures raise (so they are never cached).
+the flow places the cached outputs at the new path. A hit is served only after the outputs'
+own provenance is checked (:func:`stamp.preprocess.check_slide_outputs`). Failures raise (so
+they are never cached).
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ from prefect import task
 
 from stamp.encoders import Encoder, load_encoder
 from stamp.hashing import DigestIndex
-from stamp.preprocess import PreprocessParams, extract_slide, preprocessing_code_hash, reuse_finished
-from stamp.slidelock import OutputLock
+from stamp.preprocess import PreprocessParams, preprocessing_code_hash, process_slide
 from stamp.slides import TilingParams
 from stamp_tasks.cache import content_cache_policy
+from stamp_tasks.results import RESULT_OPTIONS
 
 PREPROCESS_CODE_VERSION = preprocessing_code_hash()
 PREPROCESS_CACHE = content_cache_policy(
@@ -52,11 +54,11 @@ def params_from(cache_params: dict[str, Any], run: dict[str, Any]) -> Preprocess
     )
 
 
-@task(name="preprocess-slide", cache_policy=PREPROCESS_CACHE, persist_result=True)
+@task(name="preprocess-slide", cache_policy=PREPROCESS_CACHE, **RESULT_OPTIONS)
 def preprocess_slide(
     slide_path: str, h5_path: str, params: dict[str, Any], weights_sha256: str, run: dict[str, Any]
 ) -> dict[str, Any]:
-    """Extract one slide's features to ``h5_path``; return its report (a dict).
+    """Extract one slide's features to ``h5_path`` (or reuse them); return its report (a dict).
 
     ``params`` are :meth:`PreprocessParams.cache_params` (part of the cache key), ``run``
     holds what does not change outputs: weights_dir, device, batch_size, max_workers.
@@ -64,25 +66,12 @@ def preprocess_slide(
     encoder = get_encoder(params["extractor"], run.get("weights_dir"), run.get("device", "cpu"))
     if encoder.weights_sha256 != weights_sha256:
         raise RuntimeError(f"encoder weights changed during the run ({params['extractor']}); run again")
-    digest = DigestIndex().sha256(slide_path)
-    params_obj = params_from(params, run)
-    with OutputLock(Path(h5_path)):
-        reused = reuse_finished(
-            Path(slide_path),
-            Path(h5_path),
-            params_obj,
-            encoder.weights_sha256,
-            digest,
-            PREPROCESS_CODE_VERSION,
-        )
-        if reused is not None:  # finished by a run that died before its cache record was stored
-            return reused.as_dict()
-        report = extract_slide(
-            Path(slide_path),
-            Path(h5_path),
-            params_obj,
-            encoder,
-            slide_sha256=digest,
-            code_hash_hex=PREPROCESS_CODE_VERSION,
-        )
+    report = process_slide(
+        Path(slide_path),
+        Path(h5_path),
+        params_from(params, run),
+        encoder,
+        slide_sha256=DigestIndex().sha256(slide_path),
+        code=PREPROCESS_CODE_VERSION,
+    )
     return report.as_dict()

@@ -1,11 +1,11 @@
 """Prefect tasks for ``statistics`` and ``heatmaps`` (DESIGN contract 4 cache keys).
 
 * statistics: key = content of the prediction CSVs + the section + statistics code version.
-* heatmaps (one task per slide): key = content of the slide's feature h5 and of the checkpoint
-  + output folder and drawing parameters + heatmaps code version. The slide itself is read only
-  for the thumbnail and top tiles; its content is already pinned by the h5's ``slide_sha256``.
+* heatmaps (one task per slide): key = content of the slide, its feature h5 and the checkpoint
+  + output folder and drawing parameters + heatmaps code version.
 
-Tasks return paths and small dicts; plots and arrays stay on disk.
+Tasks return paths and small dicts (JSON results); plots and arrays stay on disk, published
+with their provenance by the library (:mod:`stamp.provenance`).
 """
 
 from __future__ import annotations
@@ -17,20 +17,18 @@ from typing import Any
 from prefect import task
 
 from stamp.config_models import StatisticsConfig
-from stamp.hashing import package_code_hash
+from stamp.heatmaps.render import heatmaps_code_version
+from stamp.statistics.api import statistics_code_version
 from stamp_tasks.cache import content_cache_policy
+from stamp_tasks.results import RESULT_OPTIONS
 
-_STAMP = Path(__file__).resolve().parent.parent / "stamp"
-STATISTICS_CODE_VERSION = package_code_hash(_STAMP / "statistics")
-HEATMAPS_CODE_VERSION = package_code_hash(_STAMP / "heatmaps")
-
-STATISTICS_CACHE = content_cache_policy(STATISTICS_CODE_VERSION, content_args=("pred_csvs",))
+STATISTICS_CACHE = content_cache_policy(statistics_code_version(), content_args=("pred_csvs",))
 HEATMAPS_CACHE = content_cache_policy(
-    HEATMAPS_CODE_VERSION, content_args=("h5_path", "checkpoint_path"), ignore_args=("slide_path", "run")
+    heatmaps_code_version(), content_args=("slide_path", "h5_path", "checkpoint_path"), ignore_args=("run",)
 )
 
 
-@task(name="statistics", cache_policy=STATISTICS_CACHE, persist_result=True)
+@task(name="statistics", cache_policy=STATISTICS_CACHE, **RESULT_OPTIONS)
 def statistics_task(pred_csvs: list[str], section: dict[str, Any]) -> dict[str, Any]:
     """Metrics, CIs and plots for ``pred_csvs`` (the section's); returns files, rows, plots, summary."""
     from stamp.statistics import compute_statistics
@@ -42,10 +40,11 @@ def statistics_task(pred_csvs: list[str], section: dict[str, Any]) -> dict[str, 
         "plots": [str(p) for p in result.plots],
         "rows": result.rows,
         "summary": result.summary_markdown,
+        "inputs": result.inputs,
     }
 
 
-@task(name="heatmap-slide", cache_policy=HEATMAPS_CACHE, persist_result=True)
+@task(name="heatmap-slide", cache_policy=HEATMAPS_CACHE, **RESULT_OPTIONS)
 def heatmap_slide(
     slide_path: str,
     h5_path: str,

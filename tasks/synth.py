@@ -11,21 +11,13 @@ import stamp
 from stamp.hashing import code_hash
 from stamp.synthetic import synth_command
 from stamp_tasks.cache import content_cache_policy
+from stamp_tasks.results import RESULT_OPTIONS
 
 SYNTH_CODE_VERSION = code_hash(Path(stamp.__file__).parent.glob("synthetic*.py"))[:16]
 SYNTH_CACHE = content_cache_policy(SYNTH_CODE_VERSION, content_args=())
 
 
-def cohort_outputs(result: dict[str, Any]) -> list[str]:
-    """The files a cached cohort result promises: tables, manifest and every slide."""
-    return [result["clini_table"], result["slide_table"], result["truth_json"], *result["slides"]]
-
-
-@task(
-    name="write-synthetic-cohort",
-    cache_policy=SYNTH_CACHE,
-    persist_result=True,
-)
+@task(name="write-synthetic-cohort", cache_policy=SYNTH_CACHE, **RESULT_OPTIONS)
 def write_synthetic_cohort(
     out: str, patients: int, seed: int, size: int | None, variants: bool
 ) -> dict[str, Any]:

@@ -79,3 +79,8 @@ def stamp_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFix
     logger.removeHandler(caplog.handler)
     logger.setLevel(level)
     logger.propagate = propagate
+
+
+def leftover_temps(root: Path) -> list[Path]:
+    """Temp files/folders of ours (``stamp.fileio`` names) anywhere under ``root``."""
+    return [p for p in Path(root).rglob("*") if ".stamp-tmp-" in p.name or ".stamp-old-" in p.name]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from stamp.features import FeatureFileError, read_features, write_embedding, write_tile_features
+from tests.conftest import leftover_temps
 
 
 def _tiles(n: int = 50, d: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -56,7 +57,7 @@ def test_write_sorts_by_yx_with_stamp_attrs(tmp_path: Path) -> None:
     for row, c in enumerate(back.coords_um):
         np.testing.assert_allclose(back.feats[row], feats[idx[tuple(c)]].astype(np.float16))
     assert back.mpp == pytest.approx(256 / 224) and back.layout == "current"
-    assert not list(out.parent.glob(".*.tmp")), "no temp file may be left behind"
+    assert not leftover_temps(out.parent), "no temp file may be left behind"
 
 
 def test_same_input_same_bytes(tmp_path: Path) -> None:

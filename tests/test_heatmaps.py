@@ -133,7 +133,8 @@ def test_files_have_stamp_names_and_pngs_their_size(rendered: Any) -> None:
     ]  # fmt: skip
     for rel in expected:
         assert (out / rel).is_file(), rel
-    assert set(result.files) == {p for p in out.rglob("*") if p.is_file()}
+    assert set(result.files) == {p for p in out.rglob("*") if p.is_file() and p.name != ".provenance.json"}
+    assert (out / ".provenance.json").is_file(), "the folder carries its provenance record"
     assert not list(out.parent.glob(".slideA*")), "no temp folder may be left"
     tops = sorted(f.name for f in (out / "tiles").glob("top_*"))
     bottoms = sorted(f.name for f in (out / "tiles").glob("bottom_*"))

@@ -67,7 +67,7 @@ def test_crossval_writes_splits_and_fold_outputs_and_skips_finished_folds(
     monkeypatch.setattr(crossval, "train_model", no_training)
     assert run_crossval(cohort, tmp_path, n_splits=3, advanced=advanced) == paths
     assert [p.stat().st_mtime_ns for p in paths] == before
-    assert "already finished" in stamp_log.text
+    assert "finished with the same provenance; reusing it" in stamp_log.text
     # predictions gone, checkpoint kept: the checkpoint is reused, not retrained
     paths[1].unlink()
     assert run_fold(cohort, splits[1], fold_dir(tmp_path, 1), advanced, 0) == paths[1]

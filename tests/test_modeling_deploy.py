@@ -62,7 +62,8 @@ def _unseen(cohort: CohortData) -> CohortData:
 def test_classification_columns_and_loss(tiny: Tiny, models: dict[str, Path], tmp_path: Path) -> None:
     (path,) = deploy([models["cls0"]], _unseen(tiny_cohort(tiny)), tmp_path)
     assert path == tmp_path / "patient-preds.csv" and sorted(p.name for p in tmp_path.iterdir()) == [
-        path.name
+        ".patient-preds.csv.provenance.json",
+        path.name,
     ]
     df = pd.read_csv(path)
     assert list(df.columns) == ["PATIENT", LABEL, "pred", f"{LABEL}_{POS}", f"{LABEL}_{NEG}", "loss"]

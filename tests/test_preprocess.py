@@ -61,23 +61,34 @@ def test_failure_leaves_nothing_behind(tmp_path: Path, encoder) -> None:  # noqa
     assert not any(p.exists() for p in output_paths(h5).values())
 
 
-def test_a_finished_h5_of_the_same_computation_is_reused(slide: Path, encoder, tmp_path: Path) -> None:  # noqa: ANN001
+def test_finished_outputs_are_reused_only_with_the_same_provenance(
+    slide: Path, encoder, tmp_path: Path
+) -> None:  # noqa: ANN001
     from dataclasses import replace
 
-    from stamp.preprocess import reuse_finished
+    from stamp.preprocess import check_slide_outputs, process_slide, slide_provenance
 
     params = PreprocessParams(extractor="demo", tiling=TilingParams(max_workers=2))
     h5 = tmp_path / "pos.h5"
     code = "c0de" * 16
     done = extract_slide(slide, h5, params, encoder, slide_sha256="abc", code_hash_hex=code)
-    args = (slide, h5, params, encoder.weights_sha256, "abc", code)
-    reused = reuse_finished(*args)
-    assert reused is not None and reused.status == "reused" and reused.h5 == str(h5)
+    expected = slide_provenance("abc", params, encoder.weights_sha256, code)
+    assert check_slide_outputs(slide, h5, expected).reusable
+    reused = process_slide(slide, h5, params, encoder, slide_sha256="abc", code=code)
+    assert reused.status == "reused" and reused.h5 == str(h5)
     assert reused.tiles_kept == done.tiles_kept and reused.mpp_effective == pytest.approx(done.mpp_effective)
+    assert reused.outputs == done.outputs and set(done.outputs) == {"pos.h5", "pos.jpg", "pos.tissue.geojson"}
     other = replace(params, tiling=TilingParams(tile_size_um=200.0))
-    assert reuse_finished(slide, h5, other, encoder.weights_sha256, "abc", code) is None, "other parameters"
-    assert reuse_finished(slide, h5, params, encoder.weights_sha256, "other slide", code) is None
-    assert reuse_finished(slide, h5, params, "other weights", "abc", code) is None
-    assert reuse_finished(slide, h5, params, encoder.weights_sha256, "abc", "f" * 64) is None, "other code"
+    for why, prov in {
+        "other parameters": slide_provenance("abc", other, encoder.weights_sha256, code),
+        "other slide bytes": slide_provenance("other slide", params, encoder.weights_sha256, code),
+        "other weights": slide_provenance("abc", params, "other weights", code),
+        "other code": slide_provenance("abc", params, encoder.weights_sha256, "f" * 64),
+    }.items():
+        check = check_slide_outputs(slide, h5, prov)
+        assert check.verdict.value == "stale", why
     output_paths(h5)["thumbnail"].unlink()
-    assert reuse_finished(*args) is None, "an incomplete set of outputs is computed again"
+    check = check_slide_outputs(slide, h5, expected)
+    assert check.verdict.value == "stale" and "pos.jpg is missing" in check.reason
+    again = process_slide(slide, h5, params, encoder, slide_sha256="abc", code=code)
+    assert again.status == "done" and output_paths(h5)["thumbnail"].is_file()

@@ -13,7 +13,7 @@ import pytest
 
 from stamp.features import read_features
 from stamp.synthetic import write_cohort
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, leftover_temps
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -65,9 +65,7 @@ def test_two_runs_share_the_work(slides: Path, tmp_path: Path, prefect_api: str)
         assert r["counts"]["done"] + r["counts"]["cached"] + r["counts"]["skipped"] == n
     h5s = list((tmp_path / "features").rglob("*.h5"))
     assert len(h5s) == n and all(len(read_features(p).feats) > 0 for p in h5s)
-    assert not list((tmp_path / "features").rglob("*.tmp")) and not list(
-        (tmp_path / "features").rglob("*.lock")
-    )
+    assert not leftover_temps(tmp_path / "features") and not list((tmp_path / "features").rglob("*.lock"))
 
 
 @pytest.mark.timeout(600)
@@ -91,4 +89,4 @@ def test_kill_9_then_rerun_finishes_only_the_rest(slides: Path, tmp_path: Path, 
     assert result["counts"]["cached"] == len(finished)
     assert result["counts"]["done"] == n - len(finished)
     assert len(list(out.rglob("*.h5"))) == n
-    assert not list(out.rglob("*.tmp")) and not list(out.rglob("*.lock"))
+    assert not leftover_temps(out) and not list(out.rglob("*.lock"))

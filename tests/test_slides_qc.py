@@ -19,6 +19,7 @@ from stamp.slides.qc import (
 )
 from stamp.slides.tiling import tile_slide
 from stamp.synthetic import SlideSpec, SlideTruth, write_slide
+from tests.conftest import leftover_temps
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def test_rejection_thumbnail_written_and_shaded(tiled, tmp_path: Path) -> None:
     img = cv2.imread(str(out))
     assert img is not None and max(img.shape[:2]) <= 512
     assert img.shape[:2] == (375, 512)  # aspect of 4096 x 3000
-    assert not list(out.parent.glob(".*.tmp"))  # atomic: no temp left behind
+    assert not leftover_temps(out.parent)  # atomic: no temp left behind
     rgb = rejection_thumbnail(None, plan, coords).astype(int)
     rows, cols = np.mgrid[0 : plan.grid[0], 0 : plan.grid[1]]
     base = rejection_thumbnail(None, plan, plan.coords_um(rows.ravel(), cols.ravel())).astype(

@@ -251,7 +251,8 @@ def test_cohort_tables(cohort: CohortInfo) -> None:
     assert slides["FILENAME"].is_unique and slides["FILENAME"].str.endswith(".h5").all()
     stems = {p.stem for p in cohort.slides_dir.glob("*.svs")}
     assert {f[: -len(".h5")] for f in slides["FILENAME"]} == stems
-    assert not [p.name for p in cohort.root.rglob(".*")]  # no temp files or build folders left
+    hidden = [p.name for p in cohort.root.rglob(".*")]
+    assert hidden == [".synthetic-cohort.provenance.json"]  # no temp files or build folders left
     counts = slides.groupby("PATIENT").size()
     assert (counts == 2).sum() >= 2 and (counts == 1).sum() >= 2
     # no slide-like file besides the cohort's slides under slides/ (extras live elsewhere)

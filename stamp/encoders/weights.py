@@ -30,6 +30,7 @@ from typing import Any
 
 from stamp.encoders.errors import WeightsDigestError, WeightsNotFoundError, WeightsUnverifiedError
 from stamp.encoders.registry import ENCODERS, EncoderSpec, WeightsSource, get_spec
+from stamp.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +101,8 @@ def lock_to_json(lock: Lock) -> dict[str, Any]:
 
 def write_lock(path: str | os.PathLike[str], lock: Lock | None = None) -> Path:
     """Write ``lock`` (default: the registry's) as JSON, atomically."""
-    p = Path(path)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(lock_to_json(lock if lock is not None else default_lock()), indent=2) + "\n")
-    tmp.replace(p)
-    return p
+    text = json.dumps(lock_to_json(lock if lock is not None else default_lock()), indent=2) + "\n"
+    return atomic_write_text(path, text)
 
 
 def load_lock(lock: Lock | Mapping[str, Any] | str | os.PathLike[str] | None = None) -> dict[str, LockEntry]:

@@ -22,7 +22,7 @@ __all__ = ["cached_model", "check_features", "check_fit", "slide_mpp"]
 
 # --------------------------------------------------------------------------- model cache
 
-_MODELS: OrderedDict[tuple[str, int, int, str], tuple[nn.Module, dict[str, Any], Head]] = OrderedDict()
+_MODELS: OrderedDict[tuple[Any, ...], tuple[nn.Module, dict[str, Any], Head]] = OrderedDict()
 _MODELS_LOCK = threading.Lock()
 _MODELS_KEEP = 2
 
@@ -34,7 +34,8 @@ def cached_model(checkpoint_path: Path | str, device: str) -> tuple[nn.Module, d
         st = path.stat()
     except OSError as exc:
         raise CheckpointError(f"{path}: checkpoint not found") from exc
-    key = (str(path.resolve()), st.st_mtime_ns, st.st_size, device)
+    # the file's identity, as the digest memo keys it: a rewrite keeping size and mtime changes ctime
+    key = (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, device)
     with _MODELS_LOCK:
         if key in _MODELS:
             _MODELS.move_to_end(key)

@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from stamp.stopping import check_stop
+
 __all__ = [
     "DEFAULT_CHUNK",
     "IG_STEPS",
@@ -148,6 +150,7 @@ def gradient_x_input(
     m = max(1, int(steps))
     with torch.enable_grad():
         for k in range(1, m + 1):
+            check_stop()  # SIGTERM / a cancelled run stops between path points
             xa = (x * (k / m)).requires_grad_(True)
             out = _flat(model(xa.unsqueeze(0), xy, None))[0]
             c_out = out.shape[0]

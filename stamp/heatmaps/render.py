@@ -15,18 +15,19 @@
                                            (regression/survival: top/bottom by relevance)
     <s>-tiles.geojson                      one polygon per tile with its scores (QuPath; ours)
 
-The folder is built under a temp name and renamed into place, so a failed slide leaves nothing
-where finished output is expected. Any failure is one :class:`HeatmapError` line naming the slide.
-The model is loaded once per process and checkpoint (path + mtime + size + device).
+The folder is built under a temp name and swapped into place with its provenance record
+(:mod:`stamp.provenance`: slide, features and checkpoint by content, drawing settings, code), so a
+failed slide leaves nothing where finished output is expected, and a folder of that name that we did
+not write for this slide is never replaced: that slide fails alone. Any failure is one
+:class:`HeatmapError` line naming the slide. The model is loaded once per process and checkpoint
+(path + mtime + size + device).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass, field, replace
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,8 @@ import numpy as np
 
 from stamp.config_models import resolve_device
 from stamp.features import FeatureFileError, read_features
+from stamp.fileio import staging_dir
+from stamp.hashing import DigestIndex, package_code_hash
 from stamp.heatmaps import figures, maps
 from stamp.heatmaps.figures import Colourbar, Panel
 from stamp.heatmaps.jobs import HeatmapError, HeatmapJob
@@ -41,10 +44,11 @@ from stamp.heatmaps.loading import cached_model, check_features, check_fit, slid
 from stamp.heatmaps.outputs import TopTile, geojson_text, rank, safe_name, save_arrays, top_tiles, write_tiles
 from stamp.heatmaps.relevance import IG_STEPS, Head, TileScores, minmax, score_tiles
 from stamp.modeling.checkpoint import CheckpointError
+from stamp.provenance import Check, ForeignOutput, Provenance, Subject, check_folder, publish_folder
 from stamp.slides import SlideError, open_slide
 from stamp.slides.reader_base import SlideReader
 
-__all__ = ["SlideHeatmaps", "render_slide"]
+__all__ = ["SlideHeatmaps", "check_heatmaps", "heatmaps_code_version", "render_slide"]
 
 MIN_TOP = 5  # top tiles recorded in the result per output even when ``topk`` is smaller
 
@@ -211,15 +215,50 @@ def _single_output(
     }
 
 
-def _publish(tmp: Path, final: Path) -> None:
-    """Replace ``final`` (a folder) by ``tmp`` in one rename; an old folder is removed after."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+@cache
+def heatmaps_code_version() -> str:
+    """sha256 over the heatmaps package's sources."""
+    return package_code_hash(Path(__file__).resolve().parent)
+
+
+def _provenance(job: HeatmapJob, checkpoint_path: Path | str, settings: dict[str, Any]) -> Provenance:
+    index = DigestIndex()
+    return Provenance(
+        stage="heatmaps",
+        inputs={
+            "slide": index.sha256(job.slide_path),
+            "features": index.sha256(job.feature_path),
+            "checkpoint": index.sha256(checkpoint_path),
+        },
+        settings={**settings, "name": job.name},
+        code=heatmaps_code_version(),
+    )
+
+
+def _subject(job: HeatmapJob, expected: Provenance) -> Subject:
+    return Subject(str(Path(job.slide_path).resolve()), str(expected.inputs["slide"]))
+
+
+def check_heatmaps(job: HeatmapJob, checkpoint_path: Path | str, **settings: Any) -> Check:
+    """:class:`stamp.provenance.Check` of a slide's heatmaps folder against what this run would draw."""
+    expected = _provenance(job, checkpoint_path, _settings(**settings))
+    return check_folder(job.output_dir, expected, subject=_subject(job, expected))
+
+
+def _settings(
+    opacity: float = 0.6,
+    topk: int = 0,
+    bottomk: int = 0,
+    default_slide_mpp: float | None = None,
+    ig_steps: int = IG_STEPS,
+) -> dict[str, Any]:
+    return {
+        "opacity": float(opacity),
+        "topk": int(topk),
+        "bottomk": int(bottomk),
+        "default_slide_mpp": default_slide_mpp,
+        "ig_steps": int(ig_steps),
+    }
 
 
 def _render(
@@ -233,21 +272,28 @@ def _render(
     assert feats.coords_um is not None and feats.tile_size_um is not None
     coords, tile_um = np.asarray(feats.coords_um, dtype=np.float64), float(feats.tile_size_um)
     with open_slide(job.slide_path) as reader:
+        settings = _settings(opacity, topk, bottomk, default_slide_mpp, ig_steps)
+        expected = _provenance(job, checkpoint_path, settings)
+        subject = _subject(job, expected)
+        check_folder(job.output_dir, expected, subject=subject).raise_if_foreign()
+        recorded = feats.attrs.get("slide_sha256")
+        if recorded and str(recorded) != expected.inputs["slide"]:
+            raise HeatmapError(
+                job.slide_path,
+                f"its features {job.feature_path} were extracted from other bytes than this slide "
+                "(slide_sha256 differs); run preprocess on it again",
+            )
         mpp, mpp_source = slide_mpp(reader, feats, default_slide_mpp)
         check_fit(job, coords, reader.dimensions, mpp, tile_um)
         sc = score_tiles(model, head, feats.feats, coords, device=device, steps=ig_steps)
         geometry = maps.MapGeometry.for_slide(reader.dimensions, mpp, tile_um)
         thumb = reader.downsampled(geometry.width, geometry.height)
         final = job.output_dir
-        tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
-        try:
+        with staging_dir(final) as tmp:
             ctx = _Ctx(job, reader, tmp, coords, mpp, tile_um, geometry, geometry.tile_index(coords), thumb,
                        float(opacity), int(topk), int(bottomk))  # fmt: skip
             result = _write_all(ctx, head, sc, meta)
-            _publish(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            publish_folder(tmp, final, expected, subject=subject)
     s = safe_name(job.stem)
 
     def moved(tiles: dict[str, list[TopTile]]) -> dict[str, list[TopTile]]:
@@ -324,6 +370,8 @@ def render_slide(
         return _render(job, checkpoint_path, opacity, topk, bottomk, dev, default_slide_mpp, ig_steps)
     except HeatmapError:
         raise
+    except ForeignOutput as exc:
+        raise HeatmapError(job.slide_path, f"{exc}; no heatmaps written for it") from exc
     except SlideError as exc:
         raise HeatmapError(job.slide_path, exc.reason) from exc
     except (

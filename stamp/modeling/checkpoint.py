@@ -74,6 +74,7 @@ META_KEYS = (
     "monitor",  # metric used for early stopping / checkpoint choice
     "monitor_value",
     "advanced_config",  # the advanced_config used (dict)
+    "provenance",  # key of the training provenance (stamp.modeling.provenance) or None
 )
 
 _MODELING_DIR = Path(__file__).resolve().parent

@@ -2,17 +2,23 @@
 
 ``<output_dir>/splits.json`` = ``{"splits": [{"train_patients": [...], "test_patients": [...]}, ...]}``
 is written once and reused: patients it names that the tables no longer have are an error, usable
-patients it does not name are left out with a warning. Fold ``i`` writes ``split-<i>/model.ckpt``
-and ``split-<i>/patient-preds.csv``; a fold whose ``patient-preds.csv`` exists is skipped, and an
-existing ``model.ckpt`` trained on the fold's patients is reused. Unlike STAMP since March 2026, the
-test fold is never used for early stopping or checkpoint choice: each fold's training patients are
-split again (:func:`stamp.modeling.train.inner_split`).
+patients it does not name are left out with a warning, and a different ``n_splits`` is an error.
+Fold ``i`` is the folder ``split-<i>/`` (``model.ckpt``, ``training-metrics.csv``,
+``patient-preds.csv``), built under a temp name and published with its provenance
+(:mod:`stamp.provenance`): the features (by content) and targets of its patients, the split, the
+model settings and the code. A finished fold is reused only when that provenance is this run's; a
+fold whose test patients' data changed but whose training data did not keeps its checkpoint (the
+checkpoint records its own training provenance) and only predicts again. Unlike STAMP since March
+2026, the test fold is never used for early stopping or checkpoint choice: each fold's training
+patients are split again (:func:`stamp.modeling.train.inner_split`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,8 +27,14 @@ from typing import Any
 from sklearn.model_selection import KFold, StratifiedKFold
 
 from stamp.config_models import AdvancedConfig
-from stamp.fileio import atomic_write_text
-from stamp.modeling.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, load_meta
+from stamp.fileio import atomic_write_text, staging_dir
+from stamp.modeling.checkpoint import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    load_checkpoint,
+    load_meta,
+    modeling_code_version,
+)
 from stamp.modeling.losses import TargetCodec
 from stamp.modeling.predictions import (
     PREDS_NAME,
@@ -32,11 +44,22 @@ from stamp.modeling.predictions import (
     to_outputs,
     write_csv,
 )
-from stamp.modeling.train import has_target, inner_split, resolve_torch_device, stratify_label, train_model
+from stamp.modeling.provenance import fold_provenance, training_provenance
+from stamp.modeling.train import (
+    TRAINING_METRICS_NAME,
+    has_target,
+    inner_split,
+    resolve_torch_device,
+    stratify_label,
+    train_model,
+)
+from stamp.provenance import Check, ForeignOutput, Verdict, check_folder, publish_folder
 
 __all__ = [
     "SPLITS_NAME",
     "Split",
+    "FoldFailed",
+    "check_fold",
     "fold_dir",
     "make_splits",
     "predict_patients",
@@ -48,6 +71,10 @@ __all__ = [
 SPLITS_NAME = "splits.json"
 Split = dict[str, list[str]]
 _logger = logging.getLogger("stamp")
+
+
+class FoldFailed(ValueError):
+    """A fold that cannot run (e.g. its folder holds something we did not write); one line."""
 
 
 def fold_dir(output_dir: Path, index: int) -> Path:
@@ -121,8 +148,10 @@ def prepare_splits(cohort: Any, output_dir: Path, n_splits: int, seed: int | Non
     splits = _read_splits(path)
     _logger.info("reusing %s (%d folds)", path, len(splits))
     if len(splits) != n_splits:
-        _logger.warning(
-            "%s has %d folds but crossval.n_splits is %d; using the file", path, len(splits), n_splits
+        raise ValueError(
+            f"{path} has {len(splits)} folds but crossval.n_splits is {n_splits}; set n_splits to "
+            f"{len(splits)} to reuse these splits, or choose a new output_dir (or move {path.name} away) "
+            "to make new ones"
         )
     usable = {p.id for p in cohort.patients if has_target(p, cohort)}
     named = {pid for s in splits for key in ("train_patients", "test_patients") for pid in s[key]}
@@ -178,31 +207,12 @@ def predict_patients(
     )
 
 
-_RUNTIME_KEYS = ("num_workers", "accelerator")
-
-
-def _reusable(checkpoint: Path, train_ids: set[str], advanced: AdvancedConfig) -> bool:
-    """Whether an existing fold checkpoint was trained on this fold's patients with these settings."""
+def _reusable_checkpoint(checkpoint: Path, expected_key: str) -> bool:
+    """Whether a fold's old checkpoint records the training provenance this fold would train with."""
     try:
-        meta = load_meta(checkpoint)
-    except CheckpointError as exc:
-        _logger.warning("%s; training again", exc)
+        return load_meta(checkpoint).get("provenance") == expected_key
+    except CheckpointError:
         return False
-    used = set(meta.get("train_patients", [])) | set(meta.get("valid_patients", []))
-    if not used <= train_ids:
-        _logger.warning(
-            "%s was trained on patients outside this fold's training set; training again", checkpoint
-        )
-        return False
-    then = {k: v for k, v in (meta.get("advanced_config") or {}).items() if k not in _RUNTIME_KEYS}
-    now = {k: v for k, v in advanced.model_dump(mode="json").items() if k not in _RUNTIME_KEYS}
-    if then != now:
-        changed = sorted(k for k in set(then) | set(now) if then.get(k) != now.get(k))
-        _logger.warning(
-            "%s was trained with other advanced_config (%s); training again", checkpoint, ", ".join(changed)
-        )
-        return False
-    return True
 
 
 def run_fold(
@@ -217,14 +227,12 @@ def run_fold(
 ) -> Path:
     """Train (or reuse) one fold's model and predict its test patients; return ``patient-preds.csv``.
 
-    Idempotent: a fold whose ``patient-preds.csv`` exists is returned as is.
+    Idempotent: a fold folder whose provenance is this run's is returned as it is. A fold folder
+    that we did not write raises :class:`FoldFailed` and is left alone.
     """
     log = log or _logger
     fold_dir = Path(fold_dir)
     preds = fold_dir / PREDS_NAME
-    if preds.exists():
-        log.info("%s exists; fold already finished, skipping", preds)
-        return preds
     by_id = {p.id: p for p in cohort.patients}
     missing = [pid for key in ("train_patients", "test_patients") for pid in split[key] if pid not in by_id]
     if missing:
@@ -234,31 +242,82 @@ def run_fold(
     leak = {p.id for p in train} & {p.id for p in test}
     if leak:
         raise ValueError(f"{fold_dir.name}: patients in both train and test: {sorted(leak)[:10]}")
-    checkpoint = fold_dir / CHECKPOINT_NAME
-    if checkpoint.exists() and _reusable(checkpoint, {p.id for p in train}, advanced):
-        log.info("reusing %s", checkpoint)
-    else:
-        inner_train, inner_valid = inner_split(train, cohort, seed)
-        log.info(
-            "%s: %d train / %d valid / %d test patients",
-            fold_dir.name,
-            len(inner_train),
-            len(inner_valid),
-            len(test),
+    code = modeling_code_version()
+    expected = fold_provenance(cohort, train, test, advanced, seed, patient_label=patient_label, code=code)
+    check = check_folder(fold_dir, expected)
+    if check.reusable:
+        log.info("%s: finished with the same provenance; reusing it", fold_dir.name)
+        return preds
+    if check.verdict is Verdict.FOREIGN:
+        raise FoldFailed(f"{fold_dir.name}: {check.reason}")
+    if check.verdict is Verdict.STALE:
+        log.info("%s: computing again (%s)", fold_dir.name, check.reason)
+    model_key = training_provenance(cohort, train, advanced, seed, code=code).key
+    old_checkpoint = fold_dir / CHECKPOINT_NAME
+    with staging_dir(fold_dir) as staging:
+        if check.verdict is Verdict.STALE and _reusable_checkpoint(old_checkpoint, model_key):
+            log.info("%s: its training data did not change; reusing %s", fold_dir.name, old_checkpoint)
+            for name in (CHECKPOINT_NAME, TRAINING_METRICS_NAME):
+                if (fold_dir / name).is_file():
+                    _link_or_copy(fold_dir / name, staging / name)
+        else:
+            inner_train, inner_valid = inner_split(train, cohort, seed)
+            log.info(
+                "%s: %d train / %d valid / %d test patients",
+                fold_dir.name,
+                len(inner_train),
+                len(inner_valid),
+                len(test),
+            )
+            train_model(
+                inner_train,
+                inner_valid,
+                cohort,
+                advanced=advanced,
+                output_dir=staging,
+                seed=seed,
+                log=log,
+                provenance=model_key,
+            )
+        table = predict_patients(
+            staging / CHECKPOINT_NAME,
+            test,
+            patient_label=patient_label,
+            accelerator=advanced.accelerator,
+            num_workers=advanced.num_workers,
         )
-        train_model(
-            inner_train, inner_valid, cohort, advanced=advanced, output_dir=fold_dir, seed=seed, log=log
-        )
-    table = predict_patients(
-        checkpoint,
-        test,
-        patient_label=patient_label,
-        accelerator=advanced.accelerator,
-        num_workers=advanced.num_workers,
-    )
-    write_csv(table, preds)
+        write_csv(table, staging / PREDS_NAME)
+        try:
+            publish_folder(staging, fold_dir, expected)
+        except ForeignOutput as exc:  # something appeared there meanwhile
+            shutil.rmtree(staging, ignore_errors=True)
+            raise FoldFailed(f"{fold_dir.name}: {exc}") from exc
     log.info("wrote %s", preds)
     return preds
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def check_fold(cohort: Any, split: Split, fold: Path, advanced: AdvancedConfig, patient_label: str) -> Check:
+    """:class:`stamp.provenance.Check` of a fold folder against what this run would write."""
+    by_id = {p.id: p for p in cohort.patients}
+    train = [by_id[pid] for pid in split["train_patients"] if pid in by_id]
+    test = [by_id[pid] for pid in split["test_patients"] if pid in by_id]
+    expected = fold_provenance(
+        cohort,
+        train,
+        test,
+        advanced,
+        advanced.seed,
+        patient_label=patient_label,
+        code=modeling_code_version(),
+    )
+    return check_folder(Path(fold), expected)
 
 
 def run_crossval(

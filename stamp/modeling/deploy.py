@@ -10,11 +10,15 @@
   (see :mod:`stamp.modeling.predictions`).
 * Bags are predicted one patient at a time from disk (no feature cache), so memory is bounded by
   the largest bag.
+* The prediction files are one output unit with a provenance record (checkpoints and features by
+  content, the patients' targets, the code): reused when it is this run's, replaced when it is
+  ours, never written over files we did not write.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +26,8 @@ from typing import Any
 
 import pandas as pd
 
-from stamp.modeling.checkpoint import load_checkpoint, load_meta
+from stamp.fileio import staging_dir
+from stamp.modeling.checkpoint import load_checkpoint, load_meta, modeling_code_version
 from stamp.modeling.losses import TargetCodec
 from stamp.modeling.predictions import (
     PREDS_NAME,
@@ -34,9 +39,11 @@ from stamp.modeling.predictions import (
     to_outputs,
     write_csv,
 )
+from stamp.modeling.provenance import deploy_provenance
 from stamp.modeling.train import resolve_torch_device
+from stamp.provenance import Check, Provenance, Verdict, check_files, publish_files
 
-__all__ = ["DeployResult", "check_compatible", "deploy", "deployment_spec", "predict"]
+__all__ = ["DeployResult", "check_compatible", "check_deployment", "deploy", "deployment_spec", "predict"]
 
 _logger = logging.getLogger("stamp")
 
@@ -223,6 +230,26 @@ def _table(
     )
 
 
+def output_names(n_checkpoints: int) -> list[str]:
+    """The files :func:`deploy` writes for ``n_checkpoints`` checkpoints (the ensemble / single table last)."""
+    per_model = [f"patient-preds-{i}.csv" for i in range(n_checkpoints)] if n_checkpoints > 1 else []
+    return [*per_model, PREDS_NAME]
+
+
+def _expected(checkpoint_paths: Sequence[Path], cohort: Any, patient_label: str) -> Provenance:
+    return deploy_provenance(
+        cohort, [Path(p) for p in checkpoint_paths], patient_label=patient_label, code=modeling_code_version()
+    )
+
+
+def check_deployment(
+    checkpoint_paths: Sequence[Path], cohort: Any, output_dir: Path, *, patient_label: str = "PATIENT"
+) -> Check:
+    """:class:`stamp.provenance.Check` of the prediction files in ``output_dir`` against this deployment."""
+    expected = _expected(checkpoint_paths, cohort, patient_label)
+    return check_files(Path(output_dir), PREDS_NAME, output_names(len(checkpoint_paths)), expected)
+
+
 def deploy(
     checkpoint_paths: Sequence[Path],
     cohort: Any,
@@ -232,7 +259,20 @@ def deploy(
     accelerator: str | None = None,
     num_workers: int = 0,
 ) -> list[Path]:
-    """:func:`predict` and write the tables; returns the written paths (ensemble / single last)."""
+    """:func:`predict` and write the tables (or reuse them); returns the paths (ensemble / single last).
+
+    Raises :class:`stamp.provenance.ForeignOutput` when a prediction file there is not ours.
+    """
+    output_dir = Path(output_dir)
+    names = output_names(len(checkpoint_paths))
+    expected = _expected(checkpoint_paths, cohort, patient_label)
+    check = check_files(output_dir, PREDS_NAME, names, expected)
+    if check.reusable:
+        _logger.info("%s: predicted with the same provenance; reusing it", output_dir / PREDS_NAME)
+        return [output_dir / n for n in names]
+    check.raise_if_foreign()
+    if check.verdict is Verdict.STALE:
+        _logger.info("%s: predicting again (%s)", output_dir / PREDS_NAME, check.reason)
     result = predict(
         checkpoint_paths,
         cohort,
@@ -240,9 +280,10 @@ def deploy(
         accelerator=accelerator,
         num_workers=num_workers,
     )
-    output_dir = Path(output_dir)
-    if result.ensemble is None:
-        return [write_csv(result.per_model[0], output_dir / PREDS_NAME)]
-    written = [write_csv(df, output_dir / f"patient-preds-{i}.csv") for i, df in enumerate(result.per_model)]
-    written.append(write_csv(result.ensemble, output_dir / PREDS_NAME))
-    return written
+    tables = result.per_model if result.ensemble is None else [*result.per_model, result.ensemble]
+    with staging_dir(output_dir / PREDS_NAME) as staging:
+        for name, df in zip(names, tables, strict=True):
+            write_csv(df, staging / name)
+        publish_files(output_dir, PREDS_NAME, {n: staging / n for n in names}, expected)
+        shutil.rmtree(staging, ignore_errors=True)
+    return [output_dir / n for n in names]

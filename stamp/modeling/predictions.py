@@ -35,6 +35,7 @@ from scipy.special import logsumexp
 from torch.utils.data import DataLoader
 
 from stamp.fileio import atomic_path
+from stamp.stopping import check_stop
 
 __all__ = [
     "PREDS_NAME",
@@ -253,6 +254,7 @@ def forward_all(
     chunks: list[Any] = []
     with torch.inference_mode():
         for feats, coords, mask, _idx in loader:
+            check_stop()
             use_mask = None if feats.shape[0] == 1 else mask.to(device)
             out = model(feats.to(device), coords.to(device), use_mask)
             if isinstance(out, (list, tuple)):

@@ -6,7 +6,9 @@ build cohorts and summarise prediction files the same way.
 
 from __future__ import annotations
 
+import logging
 import math
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,8 +17,16 @@ import numpy as np
 import pandas as pd
 
 from stamp.cohort import CohortData, load_cohort
-from stamp.config_models import DeploymentConfig, TrainingConfig
+from stamp.config_models import AdvancedConfig, DeploymentConfig, TrainingConfig
+from stamp.fileio import staging_dir
+from stamp.modeling.checkpoint import CHECKPOINT_NAME, modeling_code_version
 from stamp.modeling.metrics import auroc, concordance_index, mae, pearson_r
+from stamp.modeling.provenance import training_provenance
+from stamp.modeling.train import TRAINING_METRICS_NAME, has_target, inner_split, train_model
+from stamp.provenance import Check, Verdict, check_files, publish_files
+
+_logger = logging.getLogger("stamp")
+TRAIN_OUTPUTS = (CHECKPOINT_NAME, TRAINING_METRICS_NAME)
 
 
 def training_cohort(sec: TrainingConfig) -> CohortData:
@@ -53,6 +63,46 @@ def deployment_cohort(sec: DeploymentConfig, spec: Mapping[str, Any]) -> CohortD
         drop_patients_with_missing_ground_truth=sec.drop_patients_with_missing_ground_truth,
         require_targets=False,
     )
+
+
+def check_training(cohort: CohortData, advanced: AdvancedConfig, output_dir: Path) -> Check:
+    """:class:`stamp.provenance.Check` of ``model.ckpt`` + training metrics in ``output_dir``."""
+    train = [p for p in cohort.patients if has_target(p, cohort)]
+    expected = training_provenance(cohort, train, advanced, advanced.seed, code=modeling_code_version())
+    return check_files(Path(output_dir), CHECKPOINT_NAME, TRAIN_OUTPUTS, expected)
+
+
+def run_training(cohort: CohortData, advanced: AdvancedConfig, output_dir: Path) -> dict[str, Any]:
+    """``stamp train``: one model on every patient with a target (inner split for early stopping).
+
+    Reuses ``model.ckpt`` when its provenance is this run's; never replaces one we did not write.
+    Returns the checkpoint path and the patient counts.
+    """
+    output_dir = Path(output_dir)
+    patients = [p for p in cohort.patients if has_target(p, cohort)]
+    train, valid = inner_split(patients, cohort, advanced.seed)
+    counts = {"train_patients": len(train), "valid_patients": len(valid)}
+    expected = training_provenance(cohort, patients, advanced, advanced.seed, code=modeling_code_version())
+    check = check_files(output_dir, CHECKPOINT_NAME, TRAIN_OUTPUTS, expected)
+    if check.reusable:
+        _logger.info("%s: trained with the same provenance; reusing it", output_dir / CHECKPOINT_NAME)
+        return {"checkpoint": str(output_dir / CHECKPOINT_NAME), **counts}
+    check.raise_if_foreign()
+    if check.verdict is Verdict.STALE:
+        _logger.info("%s: training again (%s)", output_dir / CHECKPOINT_NAME, check.reason)
+    with staging_dir(output_dir / CHECKPOINT_NAME) as staging:
+        train_model(
+            train,
+            valid,
+            cohort,
+            advanced=advanced,
+            output_dir=staging,
+            seed=advanced.seed,
+            provenance=expected.key,
+        )
+        publish_files(output_dir, CHECKPOINT_NAME, {n: staging / n for n in TRAIN_OUTPUTS}, expected)
+        shutil.rmtree(staging, ignore_errors=True)
+    return {"checkpoint": str(output_dir / CHECKPOINT_NAME), **counts}
 
 
 def table_files(sec: TrainingConfig | DeploymentConfig) -> list[str]:

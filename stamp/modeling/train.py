@@ -43,6 +43,7 @@ from stamp.modeling.checkpoint import (
 from stamp.modeling.losses import TargetCodec, class_weights
 from stamp.modeling.metrics import auroc, concordance_index, pearson_r
 from stamp.modeling.predictions import bag_dataset, forward_all, write_csv
+from stamp.stopping import check_stop
 
 __all__ = [
     "TRAINING_METRICS_NAME",
@@ -241,11 +242,14 @@ def train_model(
     seed: int | None,
     log: logging.Logger | None = None,
     on_step: Callable[[dict[str, float]], None] | None = None,
+    provenance: str | None = None,
 ) -> Path:
     """Train one model on ``train``, choose the epoch on ``valid``; return ``<output_dir>/model.ckpt``.
 
     ``cohort`` is a :class:`stamp.cohort.CohortData` (task, feature type, targets, categories).
     ``on_step`` (optional) is called after every optimiser step with ``epoch, step, lr, loss``.
+    ``provenance``: the key of :func:`stamp.modeling.provenance.training_provenance`, kept in the
+    checkpoint's ``meta`` so a later run can tell whether the checkpoint is still this training's.
     Per-epoch figures are logged and written to ``<output_dir>/training-metrics.csv``.
     """
     from stamp.modeling.data import BagDataset
@@ -304,6 +308,7 @@ def train_model(
             model.train()
             losses, lr_max = [], 0.0
             for feats, coords, mask, idx in train_dl:
+                check_stop()  # SIGTERM / a cancelled run stops between optimiser steps
                 out = model(feats.to(device), coords.to(device), mask.to(device) if tile else None)
                 loss = codec.loss(out, y_train[idx].to(device), w_tensors)
                 opt.zero_grad(set_to_none=True)
@@ -382,6 +387,7 @@ def train_model(
         "monitor": monitor,
         "monitor_value": best_value,
         "advanced_config": advanced.model_dump(mode="json"),
+        "provenance": provenance,
     }
     meta["config_hash"] = config_hash(
         {

@@ -1,16 +1,28 @@
-"""``compute_statistics``: the whole ``stamp statistics`` command as one plain function."""
+"""``compute_statistics``: the whole ``stamp statistics`` command as one plain function.
+
+Its tables and plots are one output unit (:mod:`stamp.provenance`) named after the task and
+target(s), recorded with the prediction files' digests: statistics for another target can share
+the folder, files we did not write are never replaced, and the result says which prediction files
+(and digests) it used.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 from stamp.config_models import StatisticsConfig
+from stamp.fileio import staging_dir
+from stamp.hashing import DigestIndex, package_code_hash
+from stamp.provenance import Check, Provenance, check_files, publish_files
 from stamp.statistics.outcome import Outcome
-from stamp.statistics.tables import StatisticsError, read_preds, sources_for
+from stamp.statistics.tables import Source, StatisticsError, read_preds, safe_name, sources_for
 
-__all__ = ["StatisticsResult", "compute_statistics"]
+__all__ = ["StatisticsResult", "check_statistics", "compute_statistics", "statistics_code_version"]
 
 
 @dataclass
@@ -26,6 +38,49 @@ class StatisticsResult:
     rows: list[dict[str, Any]] = field(default_factory=list)
     plots: list[Path] = field(default_factory=list)
     summary_markdown: str = ""
+    inputs: list[dict[str, str]] = field(default_factory=list)  # {"file", "label", "sha256"} per CSV
+
+
+@cache
+def statistics_code_version() -> str:
+    """sha256 over the statistics package's sources."""
+    return package_code_hash(Path(__file__).resolve().parent)
+
+
+def unit_name(sec: StatisticsConfig) -> str:
+    """The output unit of a statistics run: ``statistics-<task>-<target(s)>`` (file-name safe)."""
+    if sec.task == "survival":
+        what = f"{sec.time_label}+{sec.status_label}"
+    else:
+        gt = sec.ground_truth_label
+        what = "+".join(gt) if isinstance(gt, list) else str(gt)
+    return safe_name(f"statistics-{sec.task}-{what}")
+
+
+def _provenance(sec: StatisticsConfig, sources: list[Source], n_bootstrap: int, seed: int) -> Provenance:
+    index = DigestIndex()
+    settings = sec.model_dump(mode="json", exclude={"output_dir", "pred_csvs"})
+    return Provenance(
+        stage="statistics",
+        inputs={src.label: index.sha256(src.path) for src in sources},
+        settings={
+            **settings,
+            "labels": [src.label for src in sources],
+            "n_bootstrap": n_bootstrap,
+            "seed": seed,
+        },
+        code=statistics_code_version(),
+    )
+
+
+def check_statistics(
+    sec: StatisticsConfig, files: list[Path], *, n_bootstrap: int = 1000, seed: int = 0
+) -> Check:
+    """:class:`stamp.provenance.Check` of a statistics run's ``files`` against what ``sec`` would write."""
+    out_dir = Path(sec.output_dir)
+    expected = _provenance(sec, sources_for(sec.pred_csvs), n_bootstrap, seed)
+    names = [os.path.relpath(f, out_dir) for f in files]
+    return check_files(out_dir, unit_name(sec), names, expected)
 
 
 def compute_statistics(sec: StatisticsConfig, *, n_bootstrap: int = 1000, seed: int = 0) -> StatisticsResult:
@@ -39,7 +94,32 @@ def compute_statistics(sec: StatisticsConfig, *, n_bootstrap: int = 1000, seed: 
     sources = sources_for(sec.pred_csvs)
     frames = [read_preds(src.path) for src in sources]
     out_dir = Path(sec.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    expected = _provenance(sec, sources, n_bootstrap, seed)
+    with staging_dir(out_dir / unit_name(sec)) as staging:
+        result = _compute(sec, sources, frames, staging, n_bootstrap, seed)
+        names = [os.path.relpath(f, staging) for f in result.files]
+        publish_files(out_dir, unit_name(sec), {n: staging / n for n in names}, expected)
+        shutil.rmtree(staging, ignore_errors=True)
+    result.files = [out_dir / os.path.relpath(f, staging) for f in result.files]
+    result.plots = [out_dir / os.path.relpath(f, staging) for f in result.plots]
+    result.inputs = [
+        {"file": str(src.path), "label": src.label, "sha256": str(expected.inputs[src.label])}
+        for src in sources
+    ]
+    used = ["", "| prediction file | sha256 |", "|---|---|"]
+    used += [f"| `{i['file']}` | `{i['sha256'][:16]}` |" for i in result.inputs]
+    result.summary_markdown += "\n".join(used) + "\n"
+    return result
+
+
+def _compute(
+    sec: StatisticsConfig,
+    sources: list[Source],
+    frames: list[Any],
+    out_dir: Path,
+    n_bootstrap: int,
+    seed: int,
+) -> StatisticsResult:
     if sec.task == "classification":
         from stamp.statistics.classification import classification_statistics
         from stamp.statistics.tables import classification_targets
