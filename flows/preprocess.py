@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import shutil
 import sys
 import time
 from collections import defaultdict
@@ -24,18 +23,16 @@ from prefect.futures import PrefectFuture, as_completed
 from tqdm import tqdm
 
 from stamp.config import PreprocessingConfig, resolve_device
-from stamp.fileio import atomic_write_text, staged_file, sweep_temps
+from stamp.fileio import atomic_write_text, sweep_temps
 from stamp.hashing import DigestIndex
 from stamp.logs import logger
 from stamp.preprocess import (
     PreprocessParams,
     SlideFailed,
-    check_slide_outputs,
-    output_paths,
+    serve_cached,
     slide_provenance,
-    slide_subject,
 )
-from stamp.provenance import ForeignOutput, Provenance, publish_files
+from stamp.provenance import Provenance
 from stamp.slidelock import SlideLocked
 from stamp.slides import TilingParams, find_slides
 from stamp_flows.runners import thread_pool
@@ -125,44 +122,6 @@ def params_from_config(cfg: PreprocessingConfig) -> PreprocessParams:
     )
 
 
-def _place(origin: Path, h5: Path, slide: Path, expected: Provenance) -> None:
-    """Publish a cached unit found at ``origin`` at this run's ``h5`` too (moved slide or output folder)."""
-    staged = {}
-    try:
-        for kind, dst in output_paths(h5).items():
-            tmp = staged_file(dst)
-            tmp.unlink()
-            try:
-                os.link(output_paths(origin)[kind], tmp)
-            except OSError:
-                shutil.copy2(output_paths(origin)[kind], tmp)
-            staged[dst.name] = tmp
-        publish_files(
-            h5.parent, h5.name, staged, expected, subject=slide_subject(slide, str(expected.inputs["slide"]))
-        )
-    finally:
-        for tmp in staged.values():
-            tmp.unlink(missing_ok=True)
-
-
-def _served_from_cache(report: dict[str, Any], slide: Path, h5: Path, expected: Provenance) -> str | None:
-    """Why a cached result cannot be served as it is (None: it can, possibly after placing it at ``h5``)."""
-    here = check_slide_outputs(slide, h5, expected)
-    if here.reusable:
-        return None
-    origin = Path(report["h5"])
-    if origin == h5:
-        return here.reason
-    there = check_slide_outputs(slide, origin, expected, digests=report.get("outputs") or None)
-    if not there.reusable:
-        return there.reason
-    try:
-        _place(origin, h5, slide, expected)
-    except (ForeignOutput, OSError) as exc:
-        return str(exc)
-    return None
-
-
 def _row(
     slide: Path, wsi_dir: Path, status: str, report: dict[str, Any] | None, reason: str = ""
 ) -> dict[str, Any]:
@@ -198,7 +157,7 @@ def _collect(
     if state.is_completed():
         report = future.result()
         if state.name == "Cached":
-            why = _served_from_cache(report, slide, h5, expected())
+            why = serve_cached(report, slide, h5, expected())
             if why is not None:  # the outputs are not what the cache says: compute (or reuse) on disk
                 logger.info("%s: cached result not served (%s)", slide.name, why)
                 future = submit(refresh=True)

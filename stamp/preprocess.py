@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import queue
+import shutil
 import sys
 import threading
 import time
@@ -169,12 +171,15 @@ def _h5_attrs(h5_path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _claims(h5_path: Path) -> Callable[[Path], bool]:
-    """A file of the unit is ours when the unit's h5 carries our attributes (copied without its record)."""
+def _claims(h5_path: Path, slide_sha256: str) -> Callable[[Path], bool]:
+    """Without a record, a file of the unit is ours when the unit's h5 carries our attributes for the
+    same slide bytes (an h5 copied without its record, or written by an earlier version of ours)."""
 
     def claims(path: Path) -> bool:
         attrs = _h5_attrs(h5_path) if not h5_path.is_symlink() else None
-        return attrs is not None and (PROVENANCE_ATTR in attrs or "stamp_orchestrated_version" in attrs)
+        if attrs is None or not (PROVENANCE_ATTR in attrs or "stamp_orchestrated_version" in attrs):
+            return False
+        return str(attrs.get("slide_sha256")) == slide_sha256
 
     return claims
 
@@ -190,7 +195,12 @@ def check_slide_outputs(
     names = [p.name for p in output_paths(h5_path).values()]
     subject = slide_subject(slide_path, str(expected.inputs["slide"]))
     check = check_files(
-        h5_path.parent, h5_path.name, names, expected, subject=subject, claims=_claims(h5_path)
+        h5_path.parent,
+        h5_path.name,
+        names,
+        expected,
+        subject=subject,
+        claims=_claims(h5_path, str(expected.inputs["slide"])),
     )
     if not check.reusable:
         return check
@@ -230,6 +240,57 @@ def finished_report(slide_path: Path, h5_path: Path, expected: Provenance) -> Sl
 def _recorded_outputs(h5_path: Path) -> dict[str, str]:
     record = read_record(record_path(h5_path.parent, h5_path.name))
     return dict(record.outputs) if record is not None else {}
+
+
+def place_finished(origin: Path, h5_path: Path, slide_path: Path, expected: Provenance) -> None:
+    """Publish the finished outputs found at ``origin`` at ``h5_path`` too (a moved slide or output folder).
+
+    The caller has checked ``origin`` against ``expected``; files are hard-linked (copied across
+    file systems). Raises :class:`stamp.provenance.ForeignOutput` when ``h5_path`` holds files not ours.
+    """
+    staged: dict[str, Path] = {}
+    try:
+        for kind, dst in output_paths(h5_path).items():
+            tmp = staged_file(dst)
+            tmp.unlink()  # a fresh unpredictable name for the link
+            try:
+                os.link(output_paths(origin)[kind], tmp)
+            except OSError:
+                shutil.copy2(output_paths(origin)[kind], tmp)
+            staged[dst.name] = tmp
+        publish_files(
+            h5_path.parent,
+            h5_path.name,
+            staged,
+            expected,
+            subject=slide_subject(slide_path, str(expected.inputs["slide"])),
+            claims=_claims(h5_path, str(expected.inputs["slide"])),
+        )
+    finally:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
+
+
+def serve_cached(report: dict[str, Any], slide_path: Path, h5_path: Path, expected: Provenance) -> str | None:
+    """Why a cached task result cannot be served as it is (None: it can — placed at ``h5_path`` if needed).
+
+    ``report`` is the cached :meth:`SlideReport.as_dict`; its recorded file digests come from the
+    private result store and must match the files at its own path.
+    """
+    here = check_slide_outputs(slide_path, h5_path, expected)
+    if here.reusable:
+        return None
+    origin = Path(report["h5"])
+    if origin == h5_path:
+        return here.reason
+    there = check_slide_outputs(slide_path, origin, expected, digests=report.get("outputs") or None)
+    if not there.reusable:
+        return there.reason
+    try:
+        place_finished(origin, h5_path, slide_path, expected)
+    except (ForeignOutput, OSError) as exc:
+        return str(exc)
+    return None
 
 
 def process_slide(
@@ -397,7 +458,7 @@ def extract_slide(
             {paths[k].name: staged[k] for k in ("h5", "thumbnail", "tissue_geojson")},
             expected,
             subject=slide_subject(slide_path, digest),
-            claims=_claims(h5_path),
+            claims=_claims(h5_path, digest),
         )
     except ForeignOutput as exc:
         raise SlideFailed(slide_path, str(exc)) from exc

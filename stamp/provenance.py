@@ -326,9 +326,9 @@ def publish_files(
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, folder / name)
         index.remember(folder / name, digests[name])
-    for name in record.outputs if record is not None else {}:
-        if name not in staged and _inside(name):  # ours and stale: do not leave it beside the new unit
-            (folder / name).unlink(missing_ok=True)
+    for name, digest in (record.outputs if record is not None else {}).items():
+        if name not in staged and _ours_to_remove(folder, name, digest):
+            (folder / name).unlink(missing_ok=True)  # ours and stale: not left beside the new unit
     fsync_path(folder)
     return digests
 
@@ -346,10 +346,19 @@ def record_files(
     return digests
 
 
-def _inside(name: str) -> bool:
-    """A relative name that stays inside its folder (records are read from folders others may write)."""
-    parts = Path(name).parts
-    return bool(parts) and not Path(name).is_absolute() and ".." not in parts
+def _ours_to_remove(folder: Path, name: str, digest: str) -> bool:
+    """Whether a file a previous record lists may be deleted: inside ``folder`` without passing a
+    symlink (records are read from folders others may write) and still the bytes we wrote."""
+    rel = Path(name)
+    if not rel.parts or rel.is_absolute() or ".." in rel.parts:
+        return False
+    target = folder / rel
+    real_folder = os.path.realpath(folder)
+    if os.path.realpath(target.parent) != os.path.normpath(os.path.join(real_folder, *rel.parts[:-1])):
+        return False
+    if target.is_symlink() or not target.is_file():
+        return False
+    return _digest(target, None) == digest
 
 
 def _folder_files(folder: Path) -> list[str]:
