@@ -222,7 +222,7 @@ class PrivateJsonResults(LocalFileSystem):
         return self._read_checked(path)
 
     @async_dispatch(aread_path)
-    def read_path(self, path: str) -> bytes:
+    def read_path(self, path: str) -> bytes:  # type: ignore[override]  # as Prefect's own LocalFileSystem
         """The record at ``path`` if it is a safe JSON record; otherwise ``ValueError``.
 
         ``ValueError`` (or :class:`UnsafeResultStorageError` for an unsafe folder) makes
@@ -263,7 +263,7 @@ class PrivateJsonResults(LocalFileSystem):
         return self._write_checked(path, content)
 
     @async_dispatch(awrite_path)
-    def write_path(self, path: str, content: bytes) -> str:
+    def write_path(self, path: str, content: bytes) -> str:  # type: ignore[override]  # as Prefect's own LocalFileSystem
         """Write a JSON result record atomically with mode 0600 in the private folder."""
         return self._write_checked(path, content)
 
