@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from stamp.config import PreprocessingConfig, resolve_device
 from stamp.fileio import atomic_write_text, sweep_temps
-from stamp.hashing import DigestIndex
+from stamp.hashing import shared_index
 from stamp.logs import logger
 from stamp.preprocess import (
     PreprocessParams,
@@ -236,7 +236,7 @@ def preprocess_flow(config: dict[str, Any], shard: int = 0, shards: int = 1) -> 
             return task.submit(str(slide), str(h5), params.cache_params(), encoder.weights_sha256, run)
 
         def expected(slide: Path = slide) -> Provenance:
-            digest = DigestIndex().sha256(slide)
+            digest = shared_index().sha256(slide)
             return slide_provenance(digest, params, encoder.weights_sha256, PREPROCESS_CODE_VERSION)
 
         jobs.append((slide, h5, submit, expected, submit()))

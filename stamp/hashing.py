@@ -220,7 +220,7 @@ class DigestIndex:
 
     def lookup(self, path: str | os.PathLike[str]) -> Digest:
         """Return the file's sha256, hashing it only if no valid index entry exists."""
-        p = Path(path).resolve()
+        p = Path(path)  # identity comes from stat (dev, inode): no need to resolve
         ident = _identity(p)
         if not self._memo_usable():
             return Digest(self._hash_unchanged(p, ident), computed=True)
@@ -249,11 +249,23 @@ class DigestIndex:
         """
         if not self._memo_usable():
             return
-        p = Path(path).resolve()
+        p = Path(path)
         ident = _identity(p)
         entry, _lock = self._entry_paths(ident)
         _make_private_dir(entry.parent)
         self._write(entry, {**ident, "sha256": sha256, "format": INDEX_FORMAT})
+
+
+_SHARED: dict[str, DigestIndex] = {}
+
+
+def shared_index() -> DigestIndex:
+    """The process's :class:`DigestIndex` for :func:`default_index_dir` (its folder checks run once)."""
+    key = str(default_index_dir())
+    index = _SHARED.get(key)
+    if index is None:
+        index = _SHARED.setdefault(key, DigestIndex(key))
+    return index
 
 
 def canonical(value: Any) -> Any:

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from stamp.fileio import atomic_write_text, fsync_path, publish_dir
-from stamp.hashing import DigestIndex, canonical, file_sha256
+from stamp.hashing import DigestIndex, canonical, file_sha256, shared_index
 
 __all__ = [
     "FOLDER_RECORD",
@@ -225,7 +225,7 @@ def _digest(path: Path, index: DigestIndex | None) -> str | None:
     try:
         if path.is_symlink() or not path.is_file():
             return None
-        return (index or DigestIndex()).sha256(path)
+        return (index or shared_index()).sha256(path)
     except OSError:
         return None
 
@@ -320,7 +320,7 @@ def publish_files(
         early.raise_if_foreign()
     digests = {name: file_sha256(tmp) for name, tmp in staged.items()}
     atomic_write_text(record_path(folder, unit), Record.of(expected, digests, subject).to_json())
-    index = DigestIndex()
+    index = shared_index()
     for name, tmp in staged.items():
         fsync_path(tmp)
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
@@ -429,6 +429,6 @@ def publish_folder(
     digests = {name: file_sha256(staging / name) for name in _folder_files(staging)}
     atomic_write_text(staging / FOLDER_RECORD, Record.of(expected, digests, subject).to_json())
     publish_dir(staging, folder)
-    index = DigestIndex()
+    index = shared_index()
     for name, digest in digests.items():
         index.remember(folder / name, digest)

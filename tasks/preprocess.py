@@ -17,7 +17,7 @@ from typing import Any
 from prefect import task
 
 from stamp.encoders import Encoder, load_encoder
-from stamp.hashing import DigestIndex
+from stamp.hashing import shared_index
 from stamp.preprocess import PreprocessParams, preprocessing_code_hash, process_slide
 from stamp.slides import TilingParams
 from stamp_tasks.cache import content_cache_policy
@@ -71,7 +71,7 @@ def preprocess_slide(
         Path(h5_path),
         params_from(params, run),
         encoder,
-        slide_sha256=DigestIndex().sha256(slide_path),
+        slide_sha256=shared_index().sha256(slide_path),
         code=PREPROCESS_CODE_VERSION,
     )
     return report.as_dict()

@@ -36,7 +36,7 @@ import numpy as np
 from stamp.config_models import resolve_device
 from stamp.features import FeatureFileError, read_features
 from stamp.fileio import staging_dir
-from stamp.hashing import DigestIndex, package_code_hash
+from stamp.hashing import package_code_hash, shared_index
 from stamp.heatmaps import figures, maps
 from stamp.heatmaps.figures import Colourbar, Panel
 from stamp.heatmaps.jobs import HeatmapError, HeatmapJob
@@ -222,7 +222,7 @@ def heatmaps_code_version() -> str:
 
 
 def _provenance(job: HeatmapJob, checkpoint_path: Path | str, settings: dict[str, Any]) -> Provenance:
-    index = DigestIndex()
+    index = shared_index()
     return Provenance(
         stage="heatmaps",
         inputs={

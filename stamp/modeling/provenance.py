@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from stamp.config_models import AdvancedConfig
-from stamp.hashing import DigestIndex
+from stamp.hashing import DigestIndex, shared_index
 from stamp.provenance import Provenance
 
 __all__ = ["RUNTIME_KEYS", "deploy_provenance", "fold_provenance", "patient_inputs", "training_provenance"]
@@ -24,7 +24,7 @@ RUNTIME_KEYS = frozenset({"num_workers", "accelerator"})
 
 def patient_inputs(patients: Sequence[Any], index: DigestIndex | None = None) -> dict[str, str]:
     """``{"<patient>/<feature file name>": sha256}`` over the patients' feature files."""
-    index = index or DigestIndex()
+    index = index or shared_index()
     out: dict[str, str] = {}
     for p in patients:
         for i, f in enumerate(p.feature_files):
@@ -104,7 +104,7 @@ def deploy_provenance(
     index: DigestIndex | None = None,
 ) -> Provenance:
     """Predictions of ``checkpoints`` (by content) for the cohort's patients."""
-    index = index or DigestIndex()
+    index = index or shared_index()
     return Provenance(
         stage="deploy",
         inputs={

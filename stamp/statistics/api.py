@@ -17,7 +17,7 @@ from typing import Any
 
 from stamp.config_models import StatisticsConfig
 from stamp.fileio import staging_dir
-from stamp.hashing import DigestIndex, package_code_hash
+from stamp.hashing import package_code_hash, shared_index
 from stamp.provenance import Check, Provenance, check_files, publish_files
 from stamp.statistics.outcome import Outcome
 from stamp.statistics.tables import Source, StatisticsError, read_preds, safe_name, sources_for
@@ -58,7 +58,7 @@ def unit_name(sec: StatisticsConfig) -> str:
 
 
 def _provenance(sec: StatisticsConfig, sources: list[Source], n_bootstrap: int, seed: int) -> Provenance:
-    index = DigestIndex()
+    index = shared_index()
     settings = sec.model_dump(mode="json", exclude={"output_dir", "pred_csvs"})
     return Provenance(
         stage="statistics",
