@@ -19,7 +19,8 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -356,7 +357,7 @@ def _counted(batches: Iterator[Any], bar: tqdm) -> Iterator[Any]:
         yield batch
 
 
-def _prefetch(batches: Iterator[Any], depth: int) -> Iterator[Any]:
+def _prefetch(batches: Iterator[Any], depth: int) -> Generator[Any, None, None]:
     """Run ``batches`` in a background thread, ``depth`` items ahead of the consumer."""
     q: queue.Queue[Any] = queue.Queue(maxsize=depth)
     stop = threading.Event()
@@ -504,8 +505,9 @@ def _extract(
                 leave=False,
                 disable=not sys.stderr.isatty(),
             )
-            with bar:
-                stream = _prefetch(_counted(batches, bar), depth=4)
+            with bar, closing(_prefetch(_counted(batches, bar), depth=4)) as stream:
+                # closing: on any exit (a stop request too) the prefetch thread is stopped and joined
+                # before the reader threads and the slide are closed (OpenSlide aborts otherwise)
                 feats, coords = _encode_stream(stream, encoder, params.batch_size, normalize)
         except SlideError as exc:
             raise SlideFailed(slide_path, exc.reason) from exc

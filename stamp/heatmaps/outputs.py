@@ -14,6 +14,7 @@ import io
 import json
 import math
 import re
+import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -150,8 +151,17 @@ def geojson_text(
 
 
 def save_arrays(path: Path, **arrays: Any) -> None:
-    """Write the per-tile arrays (and label lists) to a compressed ``.npz``."""
+    """Write the per-tile arrays (and label lists) to a compressed ``.npz`` (``np.load`` reads it).
+
+    Written entry by entry with a fixed zip timestamp (``np.savez`` stamps the wall clock), so the
+    same arrays give the same bytes and a rerun's outputs can be compared by digest.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as fh:
-        data: dict[str, Any] = {k: np.asarray(v) for k, v in arrays.items() if v is not None}
-        np.savez_compressed(fh, **data)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for key, value in arrays.items():
+            if value is None:
+                continue
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with zf.open(info, "w", force_zip64=True) as fh:
+                np.lib.format.write_array(fh, np.asarray(value), allow_pickle=False)
