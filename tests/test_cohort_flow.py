@@ -28,13 +28,18 @@ def _config(tmp_path: Path, csvs: list[Path]) -> Path:
 def test_run_executes_configured_stages_and_reports_them(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cfg = _config(tmp_path, write_fold_preds(tmp_path / "cv"))
+    csvs = write_fold_preds(tmp_path / "cv")
+    cfg = _config(tmp_path, csvs)
     assert main(["-c", str(cfg), "run"]) == 0
     printed = capsys.readouterr().out
     assert "| statistics | completed |" in printed
     assert (tmp_path / "stats" / "isMSIH_categorical-stats_aggregated.csv").is_file()
     report = artifacts("cohort-report")[0].data
     assert str(cfg.resolve()) in report and "| statistics | completed |" in report
+    from stamp.hashing import file_sha256
+
+    for csv in csvs:  # which prediction files the statistics used, with their digests
+        assert f"| `{csv.resolve()}` | `{file_sha256(csv)}` |" in report
 
 
 def test_run_names_a_stage_without_its_section(tmp_path: Path) -> None:

@@ -98,6 +98,10 @@ def test_statistics_command_writes_stamp_files_artifacts_and_caches(
     metrics = artifacts("statistics-metrics")
     plots = artifacts("statistics-plots")
     assert metrics and plots and "data:image/png;base64," in plots[0].data
+    from stamp.hashing import file_sha256
+
+    for csv in csvs:  # the report names every prediction file it used, with its digest
+        assert f"| `{csv.resolve()}` | `{file_sha256(csv)[:16]}` |" in plots[0].data
 
     mtime = (out / "roc-curve_isMSIH=MSIH.png").stat().st_mtime_ns
     assert main(["-c", str(cfg), "statistics"]) == 0
@@ -105,6 +109,10 @@ def test_statistics_command_writes_stamp_files_artifacts_and_caches(
     (out / "roc-curve_isMSIH=MSIH.png").unlink()
     assert main(["-c", str(cfg), "statistics"]) == 0
     assert (out / "roc-curve_isMSIH=MSIH.png").exists(), "a deleted output is recomputed"
+    table_csv = out / "isMSIH_categorical-stats_individual.csv"
+    table_csv.write_text(table_csv.read_text().replace("split-0", "edited"))
+    assert main(["-c", str(cfg), "statistics"]) == 0
+    assert "edited" not in table_csv.read_text(), "an edited output is not served from the cache"
 
 
 def test_statistics_bad_input_is_one_line(tmp_path: Path) -> None:
