@@ -3,7 +3,7 @@
 The key is :func:`stamp.hashing.stage_cache_key` over
 
 * the *content* sha256 of the file arguments named in ``content_args`` (memoised per
-  path + size + mtime by :class:`stamp.hashing.DigestIndex`, so a cohort is hashed once
+  device + inode + size + mtime + ctime (private index) by :class:`stamp.hashing.DigestIndex`, so a cohort is hashed once
   and a renamed or moved slide still hits),
 * every other argument (the stage parameters), minus ``ignore_args``,
 * the task name, an explicit ``code_version`` and the encoder ``weights_sha256``.
