@@ -23,7 +23,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from stamp.fileio import pid_alive
+from stamp.fileio import make_private_dir, pid_alive
 
 SERVER_FILE = "stamp-server.json"
 
@@ -90,20 +90,6 @@ def configure_prefect(
     ``PREFECT_HOME`` (database, logs, artifacts) and the result folder are created with mode
     0700 when they do not exist yet (security review M6/M12); existing folders keep their mode.
     """
-
-    def make_private_dir(path: Path) -> None:
-        # Create path and its missing parents as 0700; chmod only the folders made here.
-        missing: list[Path] = []
-        probe = path
-        while not os.path.lexists(probe) and probe != probe.parent:
-            missing.append(probe)
-            probe = probe.parent
-        for folder in reversed(missing):
-            try:
-                folder.mkdir(mode=0o700)
-            except FileExistsError:
-                continue  # made by someone else meanwhile: not ours to chmod
-            os.chmod(folder, 0o700)  # mkdir's mode passes through the umask
 
     env = os.environ
     home = Path(env.get("PREFECT_HOME") or prefect_home or default_prefect_home()).expanduser()

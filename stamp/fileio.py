@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -224,6 +225,39 @@ def sweep_temps(
     if removed:
         _logger.info("removed %d temp file(s) left by an interrupted run under %s", len(removed), base)
     return removed
+
+
+def make_private_dir(path: str | os.PathLike[str]) -> None:
+    """Create ``path`` and its missing parents with mode 0700; folders that exist are left as they are."""
+    missing: list[Path] = []
+    probe = Path(path)
+    while not os.path.lexists(probe) and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir(mode=0o700)
+        except FileExistsError:
+            continue  # made by someone else meanwhile: not ours to chmod (callers check it)
+        os.chmod(folder, 0o700)  # mkdir's mode passes through the umask
+
+
+def unsafe_folder_reason(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` is not a folder only this user can write (a symlink, not a folder, another
+    owner, group/other-writable), or None when it is one."""
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        return f"cannot be checked ({exc.strerror})"
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symbolic link"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a folder"
+    if st.st_uid != os.geteuid():
+        return f"is owned by uid {st.st_uid}, not by uid {os.geteuid()}"
+    if st.st_mode & 0o022:
+        return f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
 
 
 def pid_alive(pid: int) -> bool:

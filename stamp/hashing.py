@@ -25,6 +25,8 @@ from typing import Any
 
 from filelock import FileLock
 
+from stamp.fileio import make_private_dir, unsafe_folder_reason
+
 _logger = logging.getLogger("stamp")
 
 _CHUNK = 8 * 1024 * 1024
@@ -79,40 +81,6 @@ def _identity(path: Path) -> dict[str, int]:
     }
 
 
-def _make_private_dir(path: Path) -> None:
-    """Create ``path`` and its missing parents with mode 0700; leave existing folders alone."""
-    missing: list[Path] = []
-    p = path
-    while not os.path.lexists(p):
-        missing.append(p)
-        if p.parent == p:
-            break
-        p = p.parent
-    for d in reversed(missing):
-        try:
-            os.mkdir(d, 0o700)
-        except FileExistsError:
-            continue  # someone else made it meanwhile: not ours to chmod (checked by the caller)
-        os.chmod(d, 0o700)  # exact mode whatever the umask; only folders created here
-
-
-def _unsafe_reason(path: Path) -> str | None:
-    """Why ``path`` is not a folder only this user can write (None: it is)."""
-    try:
-        st = os.lstat(path)
-    except OSError as exc:
-        return f"cannot be checked ({exc.strerror})"
-    if stat.S_ISLNK(st.st_mode):
-        return "is a symbolic link"
-    if not stat.S_ISDIR(st.st_mode):
-        return "is not a folder"
-    if st.st_uid != os.geteuid():
-        return f"is owned by uid {st.st_uid}, not by uid {os.geteuid()}"
-    if st.st_mode & 0o022:
-        return f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
-    return None
-
-
 class DigestIndex:
     """Private on-disk memo of file sha256 keyed by inode: (st_dev, st_ino), valid for size, mtime, ctime.
 
@@ -141,16 +109,16 @@ class DigestIndex:
         # the index away and put their own in its place. Nothing is created under an unsafe one.
         parent = self.index_dir.parent
         reason: tuple[Path, str] | None = None
-        if os.path.lexists(parent) and (why := _unsafe_reason(parent)) is not None:
+        if os.path.lexists(parent) and (why := unsafe_folder_reason(parent)) is not None:
             reason = (parent, why)
         if reason is None:
             try:
-                _make_private_dir(self.index_dir)
+                make_private_dir(self.index_dir)
             except OSError as exc:
                 reason = (self.index_dir, f"cannot be created ({exc.strerror})")
         if reason is None:
             for d in (self.index_dir, parent):
-                if (why := _unsafe_reason(d)) is not None:
+                if (why := unsafe_folder_reason(d)) is not None:
                     reason = (d, why)
                     break
         self._usable = reason is None
@@ -228,7 +196,7 @@ class DigestIndex:
         cached = self._read(entry, ident)
         if cached is not None:
             return Digest(cached, computed=False)
-        _make_private_dir(entry.parent)
+        make_private_dir(entry.parent)
         with FileLock(str(lock_path), mode=0o600):
             cached = self._read(entry, ident)  # another process may have finished meanwhile
             if cached is not None:
@@ -252,7 +220,7 @@ class DigestIndex:
         p = Path(path)
         ident = _identity(p)
         entry, _lock = self._entry_paths(ident)
-        _make_private_dir(entry.parent)
+        make_private_dir(entry.parent)
         self._write(entry, {**ident, "sha256": sha256, "format": INDEX_FORMAT})
 
 

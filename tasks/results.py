@@ -46,6 +46,8 @@ from prefect.filesystems import LocalFileSystem
 from prefect.serializers import JSONSerializer
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH
 
+from stamp.fileio import make_private_dir, unsafe_folder_reason
+
 __all__ = [
     "RESULT_OPTIONS",
     "RESULT_STORAGE",
@@ -129,21 +131,6 @@ def check_record(content: bytes) -> bytes:
     return json.dumps(record).encode()
 
 
-def _make_private_dir(path: Path) -> None:
-    """Create ``path`` (and missing parents) with mode 0700; existing folders are left alone."""
-    missing: list[Path] = []
-    probe = path
-    while not os.path.lexists(probe) and probe != probe.parent:
-        missing.append(probe)
-        probe = probe.parent
-    for folder in reversed(missing):
-        try:
-            folder.mkdir(mode=_DIR_MODE)
-        except FileExistsError:
-            continue  # created by someone else meanwhile: not ours to chmod (it is checked later)
-        os.chmod(folder, _DIR_MODE)  # mkdir's mode passes through the umask
-
-
 class PrivateJsonResults(LocalFileSystem):
     """Prefect result storage that keeps records private and only hands out JSON records.
 
@@ -184,19 +171,12 @@ class PrivateJsonResults(LocalFileSystem):
         """
         base = self._base()
         if create and not os.path.lexists(base):
-            _make_private_dir(base)
-        st = os.lstat(base)  # FileNotFoundError when missing and not created
-        fix = f"use a folder of your own with mode 0700 (chmod 700 {base}) or set PREFECT_RESULTS_LOCAL_STORAGE_PATH"
-        if stat.S_ISLNK(st.st_mode):
-            problem = "is a symlink"
-        elif not stat.S_ISDIR(st.st_mode):
-            problem = "is not a folder"
-        elif st.st_uid != os.geteuid():
-            problem = f"is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})"
-        elif st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            problem = f"is writable by group/others (mode {stat.S_IMODE(st.st_mode):04o})"
-        else:
+            make_private_dir(base)
+        os.lstat(base)  # FileNotFoundError when missing and not created
+        problem = unsafe_folder_reason(base)
+        if problem is None:
             return base
+        fix = f"use a folder of your own with mode 0700 (chmod 700 {base}) or set PREFECT_RESULTS_LOCAL_STORAGE_PATH"
         raise UnsafeResultStorageError(f"Refusing Prefect result folder {base}: it {problem}; {fix}.")
 
     # -- reading ----------------------------------------------------------------------------
@@ -237,7 +217,7 @@ class PrivateJsonResults(LocalFileSystem):
         base = self.private_folder(create=True)
         target = self._resolve_path(path)
         if target.parent != base.resolve():
-            _make_private_dir(target.parent)  # a storage key with "/" in it
+            make_private_dir(target.parent)  # a storage key with "/" in it
         if os.path.lexists(target) and not stat.S_ISREG(os.lstat(target).st_mode):
             raise ValueError(f"Path {target} already exists and is not a file.")
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name[:100]}.", suffix=".tmp", dir=target.parent)

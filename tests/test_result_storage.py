@@ -129,7 +129,7 @@ def test_unsafe_folder_is_refused(results: Path, tmp_path: Path, caplog: pytest.
     (shared / record.name).write_bytes(planted)
     shared.chmod(0o777)
     with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: shared}):
-        with pytest.raises(UnsafeResultStorageError, match="writable by group/others") as err:
+        with pytest.raises(UnsafeResultStorageError, match="writable by group or others") as err:
             RESULT_STORAGE.read_path(record.name)
         # In a flow, Prefect swallows the refused read (key absent) and logs the refused
         # write as an ERROR without failing the task: the task recomputes, nothing is cached.
@@ -145,7 +145,7 @@ def test_unsafe_folder_is_refused(results: Path, tmp_path: Path, caplog: pytest.
     link.symlink_to(results)
     with (
         temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: link}),
-        pytest.raises(UnsafeResultStorageError, match="symlink"),
+        pytest.raises(UnsafeResultStorageError, match="symbolic link"),
     ):
         RESULT_STORAGE.read_path(record.name)
 
