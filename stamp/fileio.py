@@ -8,7 +8,7 @@ Contract 6: nothing partial is left where a finished output is expected.
   whole new one.
 * :func:`staging_dir` + :func:`publish_dir` do the same for a folder: it is built under a temp
   name and swapped into place in one ``renameat2(RENAME_EXCHANGE)`` where the kernel has it.
-* Every temp name carries :data:`TEMP_TAG`, a hash of this host and the writer's PID, so
+* Every temp name carries :data:`TEMP_TAG`, a hash of this host, boot and PID namespace and the writer's PID, so
   :func:`sweep_temps` can remove what a killed run left behind (its writer is gone, or it is
   older than the stage's lock lifetime) and nothing else.
 
@@ -51,7 +51,24 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 _FILE_MODE = 0o666 & ~_UMASK
 _DIR_MODE = 0o777 & ~_UMASK
-_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _process_space_tag() -> str:
+    """Eight hex digits naming where our PIDs mean something: host name, boot and PID namespace.
+
+    Two containers may share a host name (``--network host``, SLURM nodes with one image); their PIDs
+    are only comparable when the boot and the PID namespace are the same too.
+    """
+    parts = [socket.gethostname()]
+    try:
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+        parts.append(os.readlink("/proc/self/ns/pid"))
+    except OSError:
+        parts.append("?")
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:8]
+
+
+_HOST = _process_space_tag()
 _TEMP_RE = re.compile(rf"^\..*\.(?:{TEMP_TAG}|{OLD_TAG})-(?P<host>[0-9a-f]{{8}})-(?P<pid>\d+)-[^/]*$")
 _MAX_NAME = 120  # room for the tag, host, pid and mkstemp's random part within NAME_MAX (255)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -404,6 +405,38 @@ def _dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     return proc.pid
+
+
+def _unshare_pid_works() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "--pid", "--fork", "true"], capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _unshare_pid_works(), reason="needs unshare --pid (a PID namespace)")
+def test_sweep_temps_keeps_a_young_temp_of_a_writer_in_another_pid_namespace(tmp_path: Path) -> None:
+    """L2/L3: a container sharing our host name has its own PIDs; its live temp is not judged by ours."""
+    writer = (
+        "import os, sys, time; from stamp import fileio; "
+        "p = os.path.join(sys.argv[1], fileio.temp_prefix('s1.h5', fileio.TEMP_TAG) + 'x'); "
+        "open(p, 'w').write('partial'); print(p, flush=True); time.sleep(60)"
+    )
+    proc = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", writer, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    try:
+        assert proc.stdout is not None
+        temp = Path(proc.stdout.readline().strip())
+        assert temp.exists() and f"-{fileio._HOST}-" not in temp.name  # another namespace, another tag
+        assert sweep_temps(tmp_path, lifetime_s=3600) == []
+        assert temp.read_text() == "partial"
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_sweep_temps_removes_only_temps_whose_writer_is_gone_or_that_are_old(tmp_path: Path) -> None:
