@@ -11,14 +11,23 @@ Order of precedence:
    ``PREFECT_HOME`` (default ``~/.stamp/prefect``), with the start-up timeout raised to
    120 s because a fresh database takes 15–30 s to migrate on a small machine.
 
+The Prefect server that ``stamp server`` starts requires an auth string (security review H1). It lives
+in ``$PREFECT_HOME/stamp-server-auth`` (0600 in the 0700 ``PREFECT_HOME``); a command sends it only to
+that server's own URL (never to a URL a config names) unless ``PREFECT_API_AUTH_STRING`` is set, which
+wins, as in Prefect. A URL from a config must be ``https://`` or a loopback ``http://`` one: flow
+parameters, logs and artifacts (thumbnails) go there (L9).
+
 Prefect's own logs are quiet (WARNING) unless the command runs with ``-v``; telemetry is off.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import stat
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +35,7 @@ from pathlib import Path
 from stamp.fileio import make_private_dir, pid_alive
 
 SERVER_FILE = "stamp-server.json"
+AUTH_FILE = "stamp-server-auth"
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,48 @@ def server_file(home: Path) -> Path:
     return home / SERVER_FILE
 
 
+def auth_file(home: Path) -> Path:
+    """The 0600 file holding the auth string of the server that ``stamp server`` runs under ``home``."""
+    return home / AUTH_FILE
+
+
+def private_file_text(path: Path) -> str | None:
+    """The text of ``path`` if it is a regular file of ours that no one else can read or write, else None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    with os.fdopen(fd) as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            return None
+        return fh.read().strip() or None
+
+
+def is_loopback_url(url: str) -> bool:
+    """True for an ``http(s)`` URL whose host is ``localhost`` or a loopback address."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_api_url(url: str, where: str) -> str:
+    """``url`` if it is ``https://`` or loopback ``http://``; else a ConfigError naming ``where``."""
+    scheme = urllib.parse.urlsplit(url).scheme
+    if scheme == "https" or (scheme == "http" and is_loopback_url(url)):
+        return url
+    from stamp.config import ConfigError
+
+    raise ConfigError(
+        f"{where} = {url!r}: flow parameters, logs and artifacts would cross the network in clear text; "
+        "use https:// (a TLS proxy in front of the server, README 'Deploying for a hospital') or a loopback URL"
+    )
+
+
 def server_is_healthy(api_url: str, timeout: float = 1.0) -> bool:
     """True when ``<api_url>/health`` answers ``true`` within ``timeout`` seconds."""
     try:
@@ -62,17 +114,42 @@ def server_is_healthy(api_url: str, timeout: float = 1.0) -> bool:
         return False
 
 
-def running_local_server(home: Path) -> str | None:
-    """API URL of a healthy server recorded by ``stamp server`` under ``home``, else None."""
-    path = server_file(home)
-    try:
-        info = json.loads(path.read_text())
-        url, pid = str(info["api_url"]), int(info["pid"])
-    except (OSError, ValueError, KeyError, TypeError):
+def recorded_server(home: Path) -> dict[str, str | int] | None:
+    """What ``stamp server`` recorded under ``home`` (api_url, ui_url, pid), if the record is ours alone."""
+    text = private_file_text(server_file(home))
+    if text is None:
         return None
-    if pid_alive(pid) and server_is_healthy(url):
+    try:
+        info = json.loads(text)
+        return {"api_url": str(info["api_url"]), "ui_url": str(info["ui_url"]), "pid": int(info["pid"])}
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def running_local_server(home: Path) -> str | None:
+    """API URL of a healthy server recorded by ``stamp server`` under ``home``, else None.
+
+    A record that others could have written (not ours, or group/other-writable) is not trusted (L9).
+    """
+    info = recorded_server(home)
+    if info is None:
+        return None
+    url = str(info["api_url"])
+    if pid_alive(int(info["pid"])) and server_is_healthy(url):
         return url
     return None
+
+
+def _send_auth_to(home: Path, api_url: str) -> None:
+    """Put the local server's auth string in the environment when ``api_url`` is that server."""
+    if os.environ.get("PREFECT_API_AUTH_STRING"):
+        return
+    info = recorded_server(home)
+    if info is None or str(info["api_url"]).rstrip("/") != api_url.rstrip("/"):
+        return  # another server: never send it our credential
+    secret = private_file_text(auth_file(home))
+    if secret:
+        os.environ["PREFECT_API_AUTH_STRING"] = secret
 
 
 def configure_prefect(
@@ -107,12 +184,15 @@ def configure_prefect(
         make_private_dir(Path(env["PREFECT_RESULTS_LOCAL_STORAGE_PATH"]).expanduser())
 
     if env.get("PREFECT_API_URL"):
+        _send_auth_to(home, env["PREFECT_API_URL"])
         return PrefectTarget("configured", env["PREFECT_API_URL"], home)
     if api_url:
-        env["PREFECT_API_URL"] = api_url
+        env["PREFECT_API_URL"] = check_api_url(api_url, "orchestration.prefect_api_url")
+        _send_auth_to(home, api_url)
         return PrefectTarget("configured", api_url, home)
     local = running_local_server(home)
     if local:
         env["PREFECT_API_URL"] = local
+        _send_auth_to(home, local)
         return PrefectTarget("local-server", local, home)
     return PrefectTarget("embedded", None, home)

@@ -7,6 +7,7 @@ config models, Prefect and torch are imported by the command that needs them.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -97,6 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     server = sub.add_parser("server", help="Run a local Prefect server + UI that stamp commands reuse")
     server.add_argument("--port", type=int, default=None, help="port (default: a free one)")
+    server.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; others need --public-url)"
+    )
+    server.add_argument(
+        "--public-url", default=None, help="https:// URL of the TLS proxy in front of the server (for --host)"
+    )
+    server.add_argument(
+        "--database",
+        default=os.environ.get("STAMP_SERVER_DATABASE_URL"),
+        help="server database URL, e.g. postgresql+asyncpg://prefect@dbhost/prefect "
+        "(default: $STAMP_SERVER_DATABASE_URL, else SQLite under PREFECT_HOME)",
+    )
     mode = server.add_mutually_exclusive_group()
     mode.add_argument("--background", action="store_true", help="start it detached and return")
     mode.add_argument("--stop", action="store_true", help="stop the server started with --background")
@@ -168,13 +181,18 @@ def _cmd_server(args: argparse.Namespace) -> int:
     if target.mode == "local-server":
         print(f"A local Prefect server is already running: {target.api_url}")
         return 0
-    if args.background:
-        proc, api_url = start_server(target.home, port=args.port)
-        print(
-            f"Prefect UI: {api_url.removesuffix('/api')} (pid {proc.pid}); stop it with `stamp server --stop`."
-        )
-        return 0
-    return serve_foreground(target.home, port=args.port)
+    where = {"host": args.host, "port": args.port, "public_url": args.public_url, "database": args.database}
+    try:
+        if args.background:
+            proc, api_url = start_server(target.home, **where)
+            print(
+                f"Prefect UI: {args.public_url or api_url.removesuffix('/api')} (pid {proc.pid}); "
+                "stop it with `stamp server --stop`."
+            )
+            return 0
+        return serve_foreground(target.home, **where)
+    except (ValueError, PermissionError) as exc:
+        return _fail(str(exc))
 
 
 def _cmd_encoders(args: argparse.Namespace) -> int:

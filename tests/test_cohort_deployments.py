@@ -25,7 +25,7 @@ from stamp.config import StampConfig, load_config
 from stamp_flows import cohort as cohort_mod
 from stamp_flows.cohort import stage_parameters, stage_plan
 from tests.conftest import REPO_ROOT
-from tests.local_prefect import deploy_from_repo, worker_env
+from tests.local_prefect import deploy_from_repo, server_auth, worker_env
 
 EXAMPLE_CONFIG = REPO_ROOT / "stamp" / "config.yaml"  # the shipped example: every section present
 
@@ -228,7 +228,7 @@ def test_cohort_runs_preprocess_as_two_deployment_shards(tmp_path: Path) -> None
         TaskRunFilter,
         TaskRunFilterId,
     )
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
     from stamp_flows.deployments import ensure_work_pools
     from stamp_flows.server import start_server, stop_server
@@ -243,7 +243,7 @@ def test_cohort_runs_preprocess_as_two_deployment_shards(tmp_path: Path) -> None
     worker_log = tmp_path / "worker.log"
     try:
         t0 = time.monotonic()
-        with temporary_settings({PREFECT_API_URL: api}):
+        with temporary_settings({PREFECT_API_URL: api, PREFECT_API_AUTH_STRING: server_auth(home)}):
             assert ensure_work_pools(["stamp-process"]) == ["stamp-process"]
             deployment_id = deploy_from_repo(
                 "flows/preprocess.py:preprocess_flow", "shard-test", "stamp-process", ignore_warnings=True
@@ -281,7 +281,10 @@ def test_cohort_runs_preprocess_as_two_deployment_shards(tmp_path: Path) -> None
         assert proc.returncode == 0, logs
         assert "| preprocess | completed |" in proc.stdout, logs
 
-        with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        with (
+            temporary_settings({PREFECT_API_URL: api, PREFECT_API_AUTH_STRING: server_auth(home)}),
+            get_client(sync_client=True) as client,
+        ):
             (parent,) = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["cohort"])))
             assert parent.state is not None and parent.state.is_completed()
             assert parent.parameters["config_path"] == str(config.resolve())

@@ -24,7 +24,7 @@ from stamp_flows.watch import (
     watch,
     watch_once,
 )
-from tests.local_prefect import worker_env
+from tests.local_prefect import server_post, worker_env
 
 
 def _cohort(inbox: Path, name: str, *, ready: bool = True, config: dict[str, Any] | None = None) -> Path:
@@ -134,18 +134,14 @@ def test_emitting_needs_a_server(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- end to end (slow)
 
 
-def _flow_runs(api: str, flow: str) -> list[dict[str, Any]]:
-    import httpx
-
-    resp = httpx.post(f"{api}/flow_runs/filter", json={"flows": {"name": {"any_": [flow]}}}, timeout=10)
-    resp.raise_for_status()
-    return resp.json()
+def _flow_runs(api: str, home: Path, flow: str) -> list[dict[str, Any]]:
+    return list(server_post(api, home, "/flow_runs/filter", {"flows": {"name": {"any_": [flow]}}}))
 
 
-def _wait(api: str, flow: str, done: Any, timeout: float) -> list[dict[str, Any]]:
+def _wait(api: str, home: Path, flow: str, done: Any, timeout: float) -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout
     while True:
-        runs = _flow_runs(api, flow)
+        runs = _flow_runs(api, home, flow)
         if done(runs) or time.monotonic() > deadline:
             return runs
         time.sleep(1)
@@ -221,10 +217,10 @@ def test_new_cohort_triggers_exactly_one_cohort_run(tmp_path: Path) -> None:
         assert "emitted 1 cohort(s): cohort-a" in _run_watcher(inbox, env)
         times["watcher (one scan, own process)"] = time.monotonic() - t0
         t_emit = time.monotonic()
-        runs = _wait(api, "cohort", lambda r: bool(r), 60)
+        runs = _wait(api, home, "cohort", lambda r: bool(r), 60)
         times["event -> flow run created"] = time.monotonic() - t_emit
         runs = _wait(
-            api, "cohort", lambda r: r and r[0]["state_type"] in ("COMPLETED", "FAILED", "CRASHED"), 240
+            api, home, "cohort", lambda r: r and r[0]["state_type"] in ("COMPLETED", "FAILED", "CRASHED"), 240
         )
         times["event -> cohort run finished"] = time.monotonic() - t_emit
         log = (tmp_path / "worker.log").read_text(errors="replace")[-3000:]
@@ -239,7 +235,7 @@ def test_new_cohort_triggers_exactly_one_cohort_run(tmp_path: Path) -> None:
         state_path(inbox, "cohort-a").unlink()
         assert "emitted 1 cohort(s): cohort-a" in _run_watcher(inbox, env)
         time.sleep(8)  # > the trigger latency measured above
-        runs = _flow_runs(api, "cohort")
+        runs = _flow_runs(api, home, "cohort")
         assert len(runs) == 1, runs
         assert not list((inbox / "half-copied").iterdir())
     finally:
