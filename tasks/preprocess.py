@@ -33,11 +33,11 @@ _ENCODERS_LOCK = threading.Lock()
 
 
 def get_encoder(extractor: str, weights_dir: str | None, device: str) -> Encoder:
-    """The encoder for this process, loaded (and its weights verified) once."""
+    """The encoder for this process, loaded once; every weight file must match a pinned sha256."""
     key = (extractor, weights_dir, device)
     with _ENCODERS_LOCK:
         if key not in _ENCODERS:
-            _ENCODERS[key] = load_encoder(extractor, weights_dir=weights_dir, device=device)
+            _ENCODERS[key] = load_encoder(extractor, weights_dir=weights_dir, device=device, strict=True)
         return _ENCODERS[key]
 
 

@@ -20,6 +20,7 @@ from stamp.encoders.errors import (
     UnknownEncoderError,
     WeightsDigestError,
     WeightsNotFoundError,
+    WeightsOutsideRootError,
     WeightsUnverifiedError,
 )
 from stamp.encoders.registry import (
@@ -47,6 +48,7 @@ __all__ = [
     "UnknownEncoderError",
     "WeightsDigestError",
     "WeightsNotFoundError",
+    "WeightsOutsideRootError",
     "WeightsSource",
     "WeightsUnverifiedError",
     "build_architecture",

@@ -70,13 +70,28 @@ class WeightsDigestError(EncoderError, ValueError):
 
 
 class WeightsUnverifiedError(EncoderError, ValueError):
-    """Strict mode: a weight file whose digest the lock does not know."""
+    """A weight file whose digest the lock does not know, where one is required (strict mode, remote code)."""
 
-    def __init__(self, path: Path | str, actual: str, name: str) -> None:
+    def __init__(self, path: Path | str, actual: str, name: str, *, why: str = "in strict mode") -> None:
         self.path = Path(path)
         self.actual = actual
         self.encoder = name
         super().__init__(
-            f"refusing weight file {self.path} of encoder {name!r} in strict mode: the lock has no sha256 for it "
-            f"(actual {actual}); pin it with `python -m stamp.encoders pin {name} --weights-dir DIR`"
+            f"refusing weight file {self.path} of encoder {name!r} {why}: the lock has no sha256 for it "
+            f"(actual {actual}); review the file, then pin it with "
+            f"`python -m stamp.encoders pin {name} --weights-dir DIR -o LOCK` and set STAMP_WEIGHTS_LOCK=LOCK"
+        )
+
+
+class WeightsOutsideRootError(EncoderError, ValueError):
+    """A weight file that resolves (through a symlink or ``..``) outside the folder it was looked up in."""
+
+    def __init__(self, path: Path | str, real: Path | str, root: Path | str, name: str) -> None:
+        self.path = Path(path)
+        self.real = Path(real)
+        self.root = Path(root)
+        self.encoder = name
+        super().__init__(
+            f"refusing weight file {self.path} of encoder {name!r}: it resolves to {self.real}, outside the "
+            f"weights folder {self.root}; copy the file into {self.root} instead of linking to it"
         )

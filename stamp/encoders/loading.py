@@ -15,31 +15,42 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import hashlib
+import io
 import logging
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from stamp.encoders.errors import WeightsDigestError
 from stamp.encoders.registry import EncoderSpec, get_family, get_spec
 from stamp.encoders.transforms import to_model_input
-from stamp.encoders.weights import Lock, combined_digest, load_lock, resolve_weights, verify_files
+from stamp.encoders.weights import (
+    Lock,
+    combined_digest,
+    load_lock,
+    resolve_weights,
+    verified_private_copy,
+    verify_files,
+)
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def read_state_dict(path: str | os.PathLike[str], *, trusted: bool = False) -> dict[str, Any]:
+def read_state_dict(path: str | os.PathLike[str], *, trusted_sha256: str | None = None) -> dict[str, Any]:
     """Read a checkpoint: safetensors directly, pickles with ``weights_only=True``.
 
-    ``trusted=True`` (the file's sha256 matched a locked digest) allows falling back
-    to a full unpickle for old checkpoints that hold non-tensor objects; an
-    unverified file is never fully unpickled.
+    ``trusted_sha256`` (the locked digest the file matched) allows falling back to a
+    full unpickle for old checkpoints that hold non-tensor objects; the bytes are
+    read once and unpickled only if they still have that digest (a file swapped after
+    verification is refused). An unverified file is never fully unpickled.
     """
     p = Path(path)
     if p.suffix == ".safetensors":
@@ -49,13 +60,17 @@ def read_state_dict(path: str | os.PathLike[str], *, trusted: bool = False) -> d
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle.UnpicklingError and friends
-        if not trusted:
+        if trusted_sha256 is None:
             raise ValueError(
                 f"cannot read {p} with weights_only=True ({type(e).__name__}: {e}); "
                 "a full unpickle is only allowed for files whose sha256 is pinned in the weights lock"
             ) from e
+        data = p.read_bytes()
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != trusted_sha256:
+            raise WeightsDigestError(p, trusted_sha256, actual) from None
         log.warning("reading %s with weights_only=False (its sha256 matched the lock)", p)
-        return torch.load(p, map_location="cpu", weights_only=False)
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
 
 
 def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
@@ -177,41 +192,32 @@ def load_encoder(
     the pinned revision); a missing file raises
     :class:`~stamp.encoders.errors.WeightsNotFoundError` with the command that fetches
     it, a digest mismatch :class:`~stamp.encoders.errors.WeightsDigestError`.
-    ``strict=True`` also refuses files the lock has no digest for. ``precision``
+    ``strict=True`` also refuses files the lock has no digest for (the pipeline always
+    loads strictly). A family that runs code shipped with its weights
+    (``Family.remote_code``) is always strict and loads from a private copy of the
+    verified bytes (:func:`~stamp.encoders.weights.verified_private_copy`). ``precision``
     overrides the spec's autocast precision on CUDA (``"fp32"``: no autocast, STAMP's
     own setting, for bit-level parity with STAMP features).
     """
     spec = get_spec(name)
-    fam = get_family(name)
     dev = torch.device(device)
     locks = load_lock(lock)
 
     # resolve and verify everything before the (slow) build: fail fast on missing weights
     resolved: dict[str, dict[str, Path]] = {}
     digests: dict[str, dict[str, str]] = {}
-    for part in (*spec.components, spec.name):
-        pspec = get_spec(part)
-        if pspec.weights is None:
-            continue
-        files = resolve_weights(pspec, weights_dir, lock=locks, hf_cache_dir=hf_cache_dir)
-        digests[part] = verify_files(pspec, files, lock=locks, strict=strict)
-        resolved[part] = files
-
-    trusted = {p: {fn for fn, sha in digests[p].items() if locks[p].files.get(fn) == sha} for p in digests}
-    paths = {
-        f"{p}/{fn}" if p != spec.name else fn: path for p, fs in resolved.items() for fn, path in fs.items()
-    }
-    with _trusted_files({str(resolved[p][fn]) for p in trusted for fn in trusted[p]}):
-        if fam.load is not None:  # vendor code builds the network from its own files
-            model = fam.load(spec, paths)
-        else:
-            # build directly on the accelerator (random init of a 1B-parameter ViT is slow on CPU)
-            with dev if dev.type == "cuda" else contextlib.nullcontext():
-                model = fam.build(spec)
-            if resolved:
-                if fam.load_weights is None:
-                    raise RuntimeError(f"encoder {name!r} declares weights but its family has no loader")
-                fam.load_weights(model, paths, spec)
+    with contextlib.ExitStack() as copies:
+        for part in (*spec.components, spec.name):
+            pspec = get_spec(part)
+            if pspec.weights is None:
+                continue
+            files = resolve_weights(pspec, weights_dir, lock=locks, hf_cache_dir=hf_cache_dir)
+            if get_family(part).remote_code:  # runs code from its files: all pinned, loaded from a copy
+                files, digests[part] = copies.enter_context(verified_private_copy(pspec, files, lock=locks))
+            else:
+                digests[part] = verify_files(pspec, files, lock=locks, strict=strict)
+            resolved[part] = files
+        model = _build_and_load(spec, dev, resolved, digests, locks)
     wdigest = combined_digest(digests) if resolved else _weightless_digest(spec)
     model.eval().requires_grad_(False)
     model.to(dev)
@@ -223,15 +229,48 @@ def load_encoder(
     return enc
 
 
-_TRUSTED: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
-    "stamp_trusted_weights", default=frozenset()
+def _build_and_load(
+    spec: EncoderSpec,
+    dev: torch.device,
+    resolved: Mapping[str, Mapping[str, Path]],
+    digests: Mapping[str, Mapping[str, str]],
+    locks: Lock,
+) -> nn.Module:
+    """The network with its verified weights loaded (family ``load``, or ``build`` + ``load_weights``)."""
+    fam = get_family(spec.name)
+    name = spec.name
+    trusted = {
+        str(resolved[p][fn]): sha
+        for p in digests
+        for fn, sha in digests[p].items()
+        if locks[p].files.get(fn) == sha
+    }
+    paths = {
+        f"{p}/{fn}" if p != spec.name else fn: path for p, fs in resolved.items() for fn, path in fs.items()
+    }
+    with _trusted_files(trusted):
+        if fam.load is not None:  # vendor code builds the network from its own files
+            model = fam.load(spec, paths)
+        else:
+            # build directly on the accelerator (random init of a 1B-parameter ViT is slow on CPU)
+            with dev if dev.type == "cuda" else contextlib.nullcontext():
+                model = fam.build(spec)
+            if resolved:
+                if fam.load_weights is None:
+                    raise RuntimeError(f"encoder {name!r} declares weights but its family has no loader")
+                fam.load_weights(model, paths, spec)
+    return model
+
+
+_TRUSTED: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
+    "stamp_trusted_weights", default=MappingProxyType({})
 )
 
 
 @contextlib.contextmanager
-def _trusted_files(paths: set[str]) -> Iterator[None]:
-    """Within this context :func:`read_trusted` knows which paths matched a locked digest."""
-    token = _TRUSTED.set(frozenset(paths))
+def _trusted_files(paths: Mapping[str, str]) -> Iterator[None]:
+    """Within this context :func:`read_trusted` knows which paths matched a locked digest (path -> sha256)."""
+    token = _TRUSTED.set(MappingProxyType(dict(paths)))
     try:
         yield
     finally:
@@ -240,4 +279,4 @@ def _trusted_files(paths: set[str]) -> Iterator[None]:
 
 def read_trusted(path: str | os.PathLike[str]) -> dict[str, Any]:
     """:func:`read_state_dict` for family loaders: full unpickle only if the file's digest was locked."""
-    return read_state_dict(path, trusted=str(path) in _TRUSTED.get())
+    return read_state_dict(path, trusted_sha256=_TRUSTED.get().get(str(path)))

@@ -177,6 +177,9 @@ class Family:
     #: for vendor code that builds the network from its own files (e.g. remote code):
     #: ``load(spec, files) -> nn.Module`` replaces build + load_weights in load_encoder
     load: Callable[[EncoderSpec, Mapping[str, Path]], nn.Module] | None = None
+    #: the family executes code shipped with its weights (``trust_remote_code``): load_encoder
+    #: then requires a pinned sha256 for every file and loads from a private, verified copy
+    remote_code: bool = False
 
 
 _SPECS: dict[str, EncoderSpec] = {}

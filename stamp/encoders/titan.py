@@ -2,8 +2,12 @@
 
 STAMP loads ``AutoModel.from_pretrained("MahmoodLab/TITAN", trust_remote_code=True)``
 and calls ``return_conch()``. We do the same from a local snapshot of the TITAN repo
-(every file in the lock must sit in one folder: ``<weights_dir>/conch1_5/`` or the HF
-cache snapshot), with ``local_files_only=True``. Needs the ``titan`` extra
+(``<weights_dir>/conch1_5/`` or the HF cache snapshot), with ``local_files_only=True``.
+Because this runs the repo's Python code, every file (code, ``config.json``, weights)
+must have a pinned sha256 in the weights lock (the built-in lock leaves the code files
+null, so ``conch1_5`` is refused until they are pinned with ``python -m stamp.encoders pin``),
+and the code is loaded from a private copy of the verified bytes (``Family.remote_code``,
+:func:`stamp.encoders.weights.verified_private_copy`). Needs the ``titan`` extra
 (transformers, einops, einops-exts).
 
 The shape-equivalent build used by the tests follows the published architecture:
@@ -51,7 +55,8 @@ def load(spec: EncoderSpec, files: Mapping[str, Path]):
     _require_vendor(spec)
     from transformers import AutoModel
 
-    folders = {p.resolve().parent if not p.is_symlink() else p.parent for p in files.values()}
+    # load_encoder passes a private copy of the verified files (Family.remote_code): one folder
+    folders = {p.parent for p in files.values()}
     if len(folders) != 1:
         raise ValueError(
             f"encoder {spec.name!r}: all TITAN files must be in one folder, found {sorted(folders)}"
@@ -144,5 +149,5 @@ register(
         extra="titan",
         notes="TITAN's eval transform (resize 448 bilinear, crop 448, ImageNet); the card extracts 512 px at 20x",
     ),
-    Family(build=build, load=load, build_equivalent=build_equivalent),
+    Family(build=build, load=load, build_equivalent=build_equivalent, remote_code=True),
 )

@@ -18,17 +18,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shlex
-from collections.abc import Mapping
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stamp.encoders.errors import WeightsDigestError, WeightsNotFoundError, WeightsUnverifiedError
+from stamp.encoders.errors import (
+    WeightsDigestError,
+    WeightsNotFoundError,
+    WeightsOutsideRootError,
+    WeightsUnverifiedError,
+)
 from stamp.encoders.registry import ENCODERS, EncoderSpec, WeightsSource, get_spec
 from stamp.fileio import atomic_write_text
 
@@ -73,6 +81,11 @@ class LockEntry:
         if not isinstance(files, Mapping) or not files:
             raise ValueError(f"weights lock entry {name!r}: 'files' must be a non-empty mapping")
         for fn, sha in files.items():
+            parts = Path(fn).parts
+            if not parts or Path(fn).is_absolute() or ".." in parts or "\\" in fn:
+                raise ValueError(
+                    f"weights lock entry {name!r}: file name {fn!r} must be a relative path without '..'"
+                )
             if sha is not None and (not isinstance(sha, str) or len(sha) != 64):
                 raise ValueError(
                     f"weights lock entry {name!r}: sha256 of {fn!r} must be 64 hex chars or null"
@@ -199,18 +212,29 @@ def fetch_command(
 
 def _hf_cached(
     repo: str, filename: str, revision: str | None, cache_dir: str | os.PathLike[str] | None
-) -> Path | None:
-    """The file from the local HF cache at ``revision``, or None. Never opens a connection."""
+) -> tuple[Path, Path] | None:
+    """``(file, cache root)`` from the local HF cache at ``revision``, or None. Never opens a connection."""
     try:
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import constants, try_to_load_from_cache
     except ImportError:  # pragma: no cover - huggingface_hub is a core dependency
         return None
-    found = try_to_load_from_cache(
-        repo, filename, cache_dir=os.fspath(cache_dir) if cache_dir is not None else None, revision=revision
-    )
+    root = Path(cache_dir) if cache_dir is not None else Path(constants.HF_HUB_CACHE)
+    found = try_to_load_from_cache(repo, filename, cache_dir=os.fspath(root), revision=revision)
     if isinstance(found, str) and Path(found).is_file():
-        return Path(found)
+        return Path(found), root
     return None
+
+
+def confined(path: Path, root: Path, name: str) -> Path:
+    """``path`` if it resolves (symlinks and ``..`` followed) inside ``root``; else raise.
+
+    Symlinks within the root are fine (the HF cache links snapshots to blobs); a link
+    that leaves it raises :class:`WeightsOutsideRootError`.
+    """
+    real, real_root = path.resolve(), root.resolve()
+    if not real.is_relative_to(real_root):
+        raise WeightsOutsideRootError(path, real, real_root, name)
+    return path
 
 
 def resolve_weights(
@@ -225,7 +249,8 @@ def resolve_weights(
     Looks in ``<weights_dir>/<name>/<file>`` (``weights_dir`` defaults to
     ``$STAMP_WEIGHTS_DIR``), then the HF cache at the pinned revision, then STAMP's
     cache. Raises :class:`WeightsNotFoundError` (with the fetch command) for the
-    first missing file. Does not verify digests: see :func:`verify_files`.
+    first missing file, :class:`WeightsOutsideRootError` for a file that resolves
+    outside the folder it was found in. Does not verify digests: see :func:`verify_files`.
     """
     spec = get_spec(spec) if isinstance(spec, str) else spec
     if spec.weights is None:
@@ -242,15 +267,17 @@ def resolve_weights(
             cand = Path(weights_dir) / spec.name / filename
             searched.append(str(cand))
             if cand.is_file():
-                path = cand
+                path = confined(cand, Path(weights_dir), spec.name)
         if path is None and entry.hf_repo:
             searched.append(f"HF cache {entry.hf_repo}@{entry.revision or 'main'}")
-            path = _hf_cached(entry.hf_repo, filename, entry.revision, hf_cache_dir)
+            hit = _hf_cached(entry.hf_repo, filename, entry.revision, hf_cache_dir)
+            if hit is not None:
+                path = confined(*hit, spec.name)
         if path is None and i == 0 and spec.weights.legacy_cache:
             cand = stamp_cache_dir() / spec.weights.legacy_cache
             searched.append(str(cand))
             if cand.is_file():
-                path = cand
+                path = confined(cand, stamp_cache_dir(), spec.name)
         if path is None:
             raise WeightsNotFoundError(
                 spec.name, filename, searched, fetch_command(spec, weights_dir, entry=entry)
@@ -284,6 +311,55 @@ def verify_files(
             )
         digests[filename] = actual
     return digests
+
+
+@contextlib.contextmanager
+def verified_private_copy(
+    spec: EncoderSpec,
+    files: Mapping[str, Path],
+    *,
+    lock: Lock | Mapping[str, Any] | str | os.PathLike[str] | None = None,
+) -> Iterator[tuple[dict[str, Path], dict[str, str]]]:
+    """Copy ``files`` into a private temp folder, hashing the bytes as they are copied.
+
+    For encoders that run code shipped with their weights (``trust_remote_code``):
+    every file must have a pinned sha256 (a null entry raises
+    :class:`WeightsUnverifiedError` naming it, before anything is copied) and the
+    copied bytes must match it (:class:`WeightsDigestError`). Yields
+    ``({filename: copied path}, {filename: sha256})``; the caller loads from the copy,
+    so a file swapped after verification, or anything else lying in the weights
+    folder, is never read. The folder (mode 0700) is removed on exit.
+    """
+    locks = load_lock(lock)
+    entry = locks.get(spec.name) or (LockEntry.from_source(spec.name, spec.weights) if spec.weights else None)
+    expected = {fn: entry.files.get(fn) if entry else None for fn in files}
+    why = "because it runs code shipped with its weights (trust_remote_code)"
+    for fn, path in files.items():
+        if expected[fn] is None:
+            raise WeightsUnverifiedError(path, file_sha256(path), spec.name, why=why)
+    tag = hashlib.sha256(json.dumps(expected, sort_keys=True).encode()).hexdigest()[:16]
+    tmp = Path(tempfile.mkdtemp(prefix="stamp-verified-"))
+    try:
+        # one folder named after the pinned digests: a stable, content-specific module name for remote code
+        dest = tmp / f"{spec.name.replace('-', '_')}_{tag}"
+        out: dict[str, Path] = {}
+        digests: dict[str, str] = {}
+        for fn, path in files.items():
+            target = dest / fn
+            target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            h = hashlib.sha256()
+            src_fd = os.open(path.resolve(), os.O_RDONLY | os.O_NOFOLLOW)
+            with open(src_fd, "rb") as src, open(target, "xb") as dst:
+                while chunk := src.read(_CHUNK):
+                    h.update(chunk)
+                    dst.write(chunk)
+            actual, want = h.hexdigest(), str(expected[fn]).lower()
+            if actual != want:
+                raise WeightsDigestError(path, want, actual, spec.name)
+            out[fn], digests[fn] = target, actual
+        yield out, digests
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def combined_digest(parts: Mapping[str, Mapping[str, str]]) -> str:
