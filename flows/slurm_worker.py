@@ -4,11 +4,24 @@ Why not ``prefect-slurm``: it talks to slurmrestd REST API v0.0.40-0.0.42 (Slurm
 Slurm 22.05, whose slurmrestd serves v0.0.36-0.0.38 only (see ``deployments/slurm/README.md``). This worker
 needs only the SLURM client commands on the worker host (``sbatch``, ``scontrol``, ``scancel``).
 
-Each flow run becomes ``sbatch`` of a script (fed on stdin, so secrets in the environment never land in a
-file we write): exports of the run's environment, ``source`` of ``source_files`` (activate the venv), ``cd
-working_dir``, then the flow-run command (``prefect flow-run execute``). The SLURM job id is the flow run's
-``infrastructure_pid``; the worker polls ``scontrol show job`` until the job ends, and cancelling the flow
-run ``scancel``s the job.
+Each flow run becomes ``sbatch`` of a script fed on stdin: ``source`` of ``source_files`` (activate the venv),
+``cd working_dir``, then the flow-run command (``prefect flow-run execute``). The SLURM job id is the flow
+run's ``infrastructure_pid``; the worker polls ``scontrol show job`` until the job ends, and cancelling the
+flow run ``scancel``s the job.
+
+What reaches the shell is built so that no job variable can add a shell line: env names must be shell
+variable names, the run name is reduced to ``[A-Za-z0-9._-]``, every path is ``shlex.quote``d and the command
+is an argument list (``shlex.split`` then ``shlex.join``, as Prefect's process worker runs it, without a shell).
+
+The environment does not travel in the script. slurmctld keeps every batch script (``scontrol write
+batch_script``, and accounting may store it), so an ``export`` line would put the Prefect API auth string
+there. Instead sbatch runs with the job's variables in its own environment and ``--export=NAME,...`` lists
+exactly which of them the job gets (values are never on a command line either): the run's ``env`` (Prefect's
+settings such as ``PREFECT_API_URL``/``PREFECT_API_AUTH_STRING``, ``PREFECT__FLOW_RUN_ID``, the pool's
+``env``), a few basics from the worker (``PATH``, ``HOME``, ``LANG`` ...) and the worker's Prefect API
+settings. Anything else in the worker's environment (tokens, keys) stays out of the job; SLURM adds its
+``SLURM_*`` variables and the user's login environment on the node. Job output goes to a 0700 folder,
+by default ``$STAMP_HOME/slurm-logs`` (``~/.stamp/slurm-logs``).
 
 Start it with ``python -m stamp_flows.slurm_worker start --pool NAME`` (creates the pool if missing);
 ``python -m stamp_flows.slurm_worker template`` prints the pool's base job template.
@@ -20,7 +33,10 @@ import argparse
 import asyncio
 import json
 import math
+import os
+import re
 import shlex
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +45,8 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.exceptions import InfrastructureNotFound
 from prefect.workers.base import BaseJobConfiguration, BaseWorker, BaseWorkerResult
 from pydantic import Field
+
+from stamp.fileio import make_private_dir, unsafe_folder_reason
 
 WORKER_TYPE = "stamp-slurm"
 TERMINAL_STATES = frozenset(
@@ -44,6 +62,47 @@ TERMINAL_STATES = frozenset(
         "TIMEOUT",
     }
 )
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# taken from the worker's environment when set (the run's ``env`` overrides them)
+BASIC_ENV = (
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "LANG",
+    "LANGUAGE",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "TMPDIR",
+)
+PREFECT_API_ENV = ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "PREFECT_API_KEY")
+# sbatch options that would hand the job the worker's whole environment or replace the script
+FORBIDDEN_SBATCH_OPTIONS = ("export", "export-file", "wrap")
+DEFAULT_COMMAND = "prefect flow-run execute"
+
+
+def default_log_dir() -> Path:
+    """``$STAMP_HOME/slurm-logs`` (``~/.stamp/slurm-logs``): where job output goes when ``output_dir`` is unset."""
+    return Path(os.environ.get("STAMP_HOME") or Path.home() / ".stamp") / "slurm-logs"
+
+
+def check_env_name(key: str) -> None:
+    """Raise ValueError unless ``key`` may be a job environment variable (a shell name sbatch passes as is)."""
+    where = "rename it in the work pool's or deployment's env"
+    if not ENV_NAME.fullmatch(key):
+        raise ValueError(
+            f"env key {key!r} of the stamp-slurm job is not a shell variable name "
+            f"(letters, digits and _, not starting with a digit): {where}"
+        )
+    if key.upper() in ("ALL", "NONE"):
+        raise ValueError(f"env key {key!r} of the stamp-slurm job is a keyword of sbatch --export: {where}")
+    if key.startswith(("SLURM_", "SBATCH_")):
+        raise ValueError(
+            f"env key {key!r} of the stamp-slurm job would configure sbatch/SLURM itself: "
+            "put sbatch options in sbatch_args instead"
+        )
 
 
 class SlurmJobConfiguration(BaseJobConfiguration):
@@ -68,23 +127,72 @@ class SlurmJobConfiguration(BaseJobConfiguration):
     )
     output_dir: Path | None = Field(
         default=None,
-        description="Where `slurm-<jobid>.out` goes; none: the working directory.",
+        description="Folder (created 0700) for `slurm-<jobid>.out`; none: `$STAMP_HOME/slurm-logs`.",
     )
     sbatch_args: list[str] = Field(
         default_factory=list, description="Extra `sbatch` options, e.g. `--account=lab` or `--qos=short`."
     )
     poll_seconds: float = Field(default=5, gt=0, description="How often the worker polls `scontrol`.")
 
-    def sbatch_command(self) -> list[str]:
-        """The ``sbatch`` command line (the script comes on stdin)."""
-        workdir = self.working_dir or Path.cwd()
-        out_dir = self.output_dir or workdir
+    def job_name(self) -> str:
+        """The run name reduced to ``[A-Za-z0-9._-]`` (at most 64 characters): one safe word for sbatch
+        ``--job-name``, the script's comment and ``scontrol`` output."""
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "-", self.name or "").strip("-.")[:64]
+        return safe or "prefect-flow-run"
+
+    def log_dir(self) -> Path:
+        """Where ``slurm-<jobid>.out`` goes: ``output_dir`` or :func:`default_log_dir`."""
+        return self.output_dir or default_log_dir()
+
+    def prepare_log_dir(self) -> Path:
+        """Create the log folder with mode 0700; raise ValueError when an existing one is not private."""
+        folder = self.log_dir()
+        make_private_dir(folder)
+        reason = unsafe_folder_reason(folder)
+        if reason:
+            raise ValueError(
+                f"output_dir {folder} of the stamp-slurm job {reason}: "
+                "make it a folder only you can write (chmod 700) or set output_dir to another one"
+            )
+        return folder
+
+    def job_environment(self, worker_env: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The variables the job gets: the basics and Prefect API settings of ``worker_env`` (default
+        ``os.environ``), then the run's ``env`` (a None value drops the name). Raises ValueError for a
+        name that is not a plain shell variable name."""
+        worker_env = os.environ if worker_env is None else worker_env
+        env = {k: worker_env[k] for k in (*BASIC_ENV, *PREFECT_API_ENV) if k in worker_env}
+        for key, value in self.env.items():
+            check_env_name(key)
+            if value is None:
+                env.pop(key, None)
+            else:
+                env[key] = str(value)
+        return env
+
+    def sbatch_environment(self, worker_env: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The environment sbatch itself runs with: the worker's (sbatch reads its own ``SLURM_CONF`` /
+        ``SBATCH_*`` settings there) plus :meth:`job_environment`; only the names in ``--export`` reach the job."""
+        worker_env = os.environ if worker_env is None else worker_env
+        return {**worker_env, **self.job_environment(worker_env)}
+
+    def sbatch_command(self, worker_env: Mapping[str, str] | None = None) -> list[str]:
+        """The ``sbatch`` command line (the script comes on stdin); ``--export`` names the job's variables."""
+        for arg in self.sbatch_args:
+            name = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
+            if name and any(opt.startswith(name) for opt in FORBIDDEN_SBATCH_OPTIONS):
+                raise ValueError(
+                    f"sbatch_args {arg!r} of the stamp-slurm job would override what the worker sets "
+                    "(--export, --export-file, --wrap): pass variables in env instead"
+                )
+        names = sorted(self.job_environment(worker_env))
         cmd = [
             "sbatch",
             "--parsable",
-            f"--job-name={self.name or 'prefect-flow-run'}",
-            f"--chdir={workdir}",
-            f"--output={out_dir / 'slurm-%j.out'}",
+            f"--job-name={self.job_name()}",
+            f"--chdir={self.working_dir or Path.cwd()}",
+            f"--output={self.log_dir() / 'slurm-%j.out'}",
+            f"--export={','.join(names) or 'NONE'}",
             f"--cpus-per-task={self.cpu}",
             f"--mem={max(1, math.ceil(self.memory * 1024))}M",
             f"--time={max(1, math.ceil(self.time_limit * 60))}",
@@ -97,15 +205,35 @@ class SlurmJobConfiguration(BaseJobConfiguration):
             cmd.append(f"--gpus={self.gpus}")
         return cmd + list(self.sbatch_args)
 
+    def command_argv(self) -> list[str]:
+        """``command`` (default ``prefect flow-run execute``) as an argument list; ValueError when it is not one."""
+        command = self.command or DEFAULT_COMMAND
+        try:
+            argv = shlex.split(command)
+        except ValueError as exc:
+            raise ValueError(
+                f"command {command!r} of the stamp-slurm job is not an argument list ({exc}): fix its quoting"
+            ) from None
+        if not argv:
+            raise ValueError(
+                "command of the stamp-slurm job is empty: leave it unset for prefect flow-run execute"
+            )
+        return argv
+
     def job_script(self) -> str:
-        """The batch script: environment, ``source_files``, ``cd``, then the flow-run command."""
-        lines = ["#!/bin/bash", f"# Prefect flow run {self.name or ''} (stamp-slurm worker)"]
-        lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(self.env.items()) if v is not None]
+        """The batch script: ``source_files``, ``cd``, then ``exec`` of the command; no environment values
+        (they go through ``sbatch --export``, see the module docstring)."""
+        names = " ".join(sorted(self.job_environment()))
+        lines = [
+            "#!/bin/bash",
+            f"# Prefect flow run {self.job_name()} (stamp-slurm worker)",
+            f"# environment from sbatch --export: {names}",
+        ]
         lines += [f"source {shlex.quote(str(f))} || exit 97" for f in self.source_files]
         if self.working_dir:
             lines.append(f"cd {shlex.quote(str(self.working_dir))} || exit 98")
         lines.append('echo "stamp-slurm: job ${SLURM_JOB_ID} on $(hostname) in $(pwd)"')
-        lines.append(f"exec {self.command or 'prefect flow-run execute'}")
+        lines.append(f"exec {shlex.join(self.command_argv())}")
         return "\n".join(lines) + "\n"
 
 
@@ -113,9 +241,12 @@ class SlurmWorkerResult(BaseWorkerResult):
     """``identifier`` is the SLURM job id; ``status_code`` 0 when the job COMPLETED."""
 
 
-async def _run(*cmd: str, stdin: str | None = None) -> tuple[int, str, str]:
+async def _run(
+    *cmd: str, stdin: str | None = None, env: Mapping[str, str] | None = None
+) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         *cmd,
+        env=None if env is None else dict(env),
         stdin=asyncio.subprocess.PIPE if stdin is not None else None,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -171,8 +302,10 @@ class SlurmWorker(BaseWorker[SlurmJobConfiguration, Any, SlurmWorkerResult]):
     ) -> SlurmWorkerResult:
         """Submit the flow run's job, report its id as started, and wait until SLURM says it ended."""
         logger = self.get_flow_run_logger(flow_run)
+        configuration.prepare_log_dir()
         cmd = configuration.sbatch_command()
-        rc, out, err = await _run(*cmd, stdin=configuration.job_script())
+        script = configuration.job_script()
+        rc, out, err = await _run(*cmd, stdin=script, env=configuration.sbatch_environment())
         if rc != 0:
             raise RuntimeError(f"sbatch failed (exit {rc}): {err.strip() or out.strip()}")
         job_id = out.strip().split(";")[0]

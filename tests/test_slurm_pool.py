@@ -92,11 +92,15 @@ def test_sbatch_options_and_job_script(tmp_path: Path) -> None:
         "--qos=short",
     ):
         assert opt in cmd
+    # the job's variables travel by name through sbatch's environment, never as values in the script
+    export = next(o for o in cmd if o.startswith("--export="))
+    assert {"PREFECT__FLOW_RUN_ID", "QUOTED", "PATH"} <= set(export.removeprefix("--export=").split(","))
+    assert "DROPPED" not in export and cfg.sbatch_environment()["QUOTED"] == "a b'c"
     script = cfg.job_script()
     assert script.startswith("#!/bin/bash\n")
-    assert "export PREFECT__FLOW_RUN_ID=abc\n" in script and "export QUOTED='a b'\"'\"'c'\n" in script
-    assert "DROPPED" not in script
+    assert "DROPPED" not in script and "abc" not in script
     lines = script.splitlines()
+    assert not any(line.startswith("export") for line in lines)
     assert lines.index("source /opt/venv/bin/activate || exit 97") < lines.index(f"cd {tmp_path} || exit 98")
     assert lines[-1] == "exec prefect flow-run execute"
     # a raw gres wins over the GPU count; no partition/GPU options when not asked for
@@ -206,6 +210,7 @@ def test_preprocess_runs_as_a_slurm_job_through_the_pool() -> None:
         "STAMP_SLURM_STATE": str(state),
         "STAMP_SLURM_GPUS": "1",  # one placeholder GPU, so the pool's `gpus` variable is really scheduled
         "PREFECT_HOME": str(work / "prefect-home"),
+        "STAMP_HOME": str(work / "stamp-home"),  # the worker's default job log folder is in there
         "PREFECT_WORKER_QUERY_SECONDS": "2",
         "PREFECT_LOGGING_LEVEL": "INFO",
     }
@@ -254,7 +259,12 @@ def test_preprocess_runs_as_a_slurm_job_through_the_pool() -> None:
         }
         config |= {"max_workers": 2, "device": "cpu", "generate_hash": False}
         with temporary_settings({PREFECT_API_URL: api}):
-            asyncio.run(create_pool(pool, {"partition": "gpu", "time_limit": 0.5, "output_dir": str(work)}))
+            asyncio.run(create_pool(pool, {"partition": "gpu", "time_limit": 0.5}))
+            env_check = work / "env-check.sh"  # sourced in the job: prints what the job's environment holds
+            env_check.write_text(
+                'echo "env-check STAMP_SLURM_TEST=${STAMP_SLURM_TEST:-unset}'
+                ' WORKER_ONLY=${STAMP_WORKER_ONLY:-unset} AUTH=${PREFECT_API_AUTH_STRING:-unset}"\n'
+            )
             deployment_id = deploy_from_repo(
                 "flows/preprocess.py:preprocess_flow",
                 "preprocess-slurm",
@@ -265,16 +275,18 @@ def test_preprocess_runs_as_a_slurm_job_through_the_pool() -> None:
                     "memory": 4,
                     "gpus": 1,
                     "working_dir": str(REPO_ROOT),
-                    "source_files": [str(REPO_ROOT / ".venv" / "bin" / "activate")],
+                    "source_files": [str(REPO_ROOT / ".venv" / "bin" / "activate"), str(env_check)],
                     "env": {"STAMP_SLURM_TEST": "from-the-pool"},
                 },
             )
             run = cast(FlowRun, run_deployment(deployment_id, timeout=0))
             clock["run_created"] = time.monotonic()
+            # the worker holds a secret of its own and an API auth string (the server ignores it here)
+            worker_env = {**env, "STAMP_WORKER_ONLY": "leak", "PREFECT_API_AUTH_STRING": "slurm-test-auth"}
             with worker_log.open("w") as out:
                 worker = subprocess.Popen(
                     [sys.executable, "-m", "stamp_flows.slurm_worker", "start", "--pool", pool],
-                    env=env,
+                    env=worker_env,
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     cwd=work,
@@ -291,16 +303,24 @@ def test_preprocess_runs_as_a_slurm_job_through_the_pool() -> None:
         assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", shown.stdout
         assert info["Partition"] == "gpu" and info["NumCPUs"] == "2", shown.stdout
         assert "gpu:1" in shown.stdout and "mem=4G" in shown.stdout, shown.stdout
-        out_file = work / f"slurm-{job_id}.out"
+        log_dir = work / "stamp-home" / "slurm-logs"
+        out_file = log_dir / f"slurm-{job_id}.out"
         assert Path(info["StdOut"]) == out_file and f"stamp-slurm: job {job_id} on " in out_file.read_text()
+        assert log_dir.stat().st_mode & 0o777 == 0o700
+        # the job got the pool's env and the auth string, not the worker's other variables ...
+        assert "env-check STAMP_SLURM_TEST=from-the-pool WORKER_ONLY=unset AUTH=slurm-test-auth" in (
+            out_file.read_text()
+        )
+        # ... and the batch script slurmctld keeps names them but holds no value
         script = subprocess.run(
             ["scontrol", "write", "batch_script", job_id, "-"], capture_output=True, text=True
         ).stdout
         assert f"source {REPO_ROOT / '.venv' / 'bin' / 'activate'}" in script
-        assert (
-            "export STAMP_SLURM_TEST=from-the-pool" in script
-            and f"export PREFECT__FLOW_RUN_ID={run.id}" in script
-        )
+        exported = next(line for line in script.splitlines() if line.startswith("# environment from"))
+        for name in ("STAMP_SLURM_TEST", "PREFECT__FLOW_RUN_ID", "PREFECT_API_AUTH_STRING", "PATH"):
+            assert name in exported.split(), exported
+        assert "STAMP_WORKER_ONLY" not in script
+        assert "slurm-test-auth" not in script and "from-the-pool" not in script and str(run.id) not in script
 
         # the stage's outputs: one feature file per slide with STAMP's datasets
         feat_dir = features / "demo"
