@@ -13,26 +13,36 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from stamp.encoders.registry import ENCODERS, encoder_table, get_spec
-from stamp.encoders.weights import default_lock, fetch_command, load_lock, lock_to_json, pin, write_lock
+from stamp.encoders.weights import (
+    default_lock,
+    fetch_argv,
+    fetch_command,
+    load_lock,
+    lock_to_json,
+    pin,
+    write_lock,
+)
 
 
 def _fetch(name: str, weights_dir: str, run: bool) -> int:
     spec = get_spec(name)
     entry = load_lock().get(name)
-    cmd = fetch_command(spec, weights_dir, entry=entry)
-    print(cmd)
-    if not run or spec.weights is None:
+    print(fetch_command(spec, weights_dir, entry=entry))
+    argv = fetch_argv(spec, weights_dir, entry=entry)
+    if not run or argv is None:
         return 0
+    dest = Path(weights_dir) / name
     if entry is not None and entry.hf_repo:
         from huggingface_hub import hf_hub_download
 
         for fn in entry.files:
-            hf_hub_download(entry.hf_repo, fn, revision=entry.revision, local_dir=f"{weights_dir}/{name}")
+            hf_hub_download(entry.hf_repo, fn, revision=entry.revision, local_dir=str(dest))
         return 0
-    shell = cmd.split("  (")[0]
-    return subprocess.call(shell, shell=True)
+    dest.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(argv, check=False).returncode  # an argv list: lock values never reach a shell
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,7 +83,11 @@ def main(argv: list[str] | None = None) -> int:
             write_lock(a.output)
         return 0
     if a.cmd == "fetch":
-        return max(_fetch(n, a.weights_dir, a.run) for n in a.names)
+        try:
+            return max(_fetch(n, a.weights_dir, a.run) for n in a.names)
+        except ValueError as e:  # a lock value that cannot be passed to a download tool
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if a.cmd == "pin":
         lock = load_lock()
         lock.update(pin(a.names, a.weights_dir, lock=lock))

@@ -23,8 +23,10 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -90,6 +92,7 @@ class LockEntry:
                 raise ValueError(
                     f"weights lock entry {name!r}: sha256 of {fn!r} must be 64 hex chars or null"
                 )
+        _check_source(name, d)
         return cls(
             name,
             {k: (v.lower() if v else None) for k, v in files.items()},
@@ -101,6 +104,33 @@ class LockEntry:
 
 
 Lock = Mapping[str, LockEntry]
+
+_SOURCE_PATTERNS = {
+    "repo": re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*"),
+    "revision": re.compile(r"[A-Za-z0-9][\w./-]*"),
+    "gdrive": re.compile(r"[A-Za-z0-9_][\w-]*"),
+    "url": re.compile(r"https?://[^\s]+"),
+}
+
+
+def _check_source(name: str, d: Mapping[str, Any]) -> None:
+    """Refuse lock source values that are not a plain repo id, revision, Drive id or http(s) URL.
+
+    They become arguments of a download tool: nothing starting with ``-`` or holding spaces
+    or shell syntax gets through.
+    """
+    url = d.get("url")
+    values = {"repo": d.get("repo"), "revision": d.get("revision"), "url": url}
+    if isinstance(url, str) and url.startswith("gdrive:"):
+        values = {**values, "url": None, "gdrive": url[len("gdrive:") :]}
+    for key, value in values.items():
+        if value is None:
+            continue
+        if not isinstance(value, str) or not _SOURCE_PATTERNS[key].fullmatch(value):
+            raise ValueError(
+                f"weights lock entry {name!r}: {key} {value!r} is not a valid {key} "
+                f"(letters, digits, '._-/' only); fix the lock ({LOCK_ENV})"
+            )
 
 
 def default_lock() -> dict[str, LockEntry]:
@@ -178,36 +208,56 @@ def stamp_cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "stamp"
 
 
-def fetch_command(
-    spec: EncoderSpec, weights_dir: str | os.PathLike[str] | None = None, *, entry: LockEntry | None = None
-) -> str:
-    """The shell command that downloads ``spec``'s weights into ``<weights_dir>/<name>/``.
-
-    Gated repositories get the licence/login prerequisite spelled out.
-    """
-    if spec.weights is None:
-        return "(no weights needed)"
-    e = entry or LockEntry.from_source(spec.name, spec.weights)
-    dest = (
+def _dest(spec: EncoderSpec, weights_dir: str | os.PathLike[str] | None) -> Path:
+    return (
         Path(weights_dir if weights_dir is not None else os.environ.get(WEIGHTS_DIR_ENV, "WEIGHTS_DIR"))
         / spec.name
     )
-    q = shlex.quote
+
+
+def fetch_argv(
+    spec: EncoderSpec, weights_dir: str | os.PathLike[str] | None = None, *, entry: LockEntry | None = None
+) -> list[str] | None:
+    """The argv (run without a shell) that downloads ``spec``'s weights into ``<weights_dir>/<name>/``.
+
+    None if the encoder needs no weights. URL sources download the first file only
+    (the caller creates the folder).
+    """
+    if spec.weights is None:
+        return None
+    e = entry or LockEntry.from_source(spec.name, spec.weights)
+    dest = _dest(spec, weights_dir)
     if e.hf_repo:
-        rev = f" --revision {e.revision}" if e.revision else ""
-        cmd = f"hf download {e.hf_repo} {' '.join(q(f) for f in e.files)}{rev} --local-dir {q(str(dest))}"
+        rev = ["--revision", e.revision] if e.revision else []
+        return ["hf", "download", e.hf_repo, *e.files, *rev, "--local-dir", str(dest)]
+    url = str(e.url)
+    out = str(dest / next(iter(e.files)))
+    if url.startswith("gdrive:"):
+        return [sys.executable, "-m", "gdown", url[len("gdrive:") :], "-O", out]
+    return ["curl", "-L", "--fail", "-o", out, url]
+
+
+def fetch_command(
+    spec: EncoderSpec, weights_dir: str | os.PathLike[str] | None = None, *, entry: LockEntry | None = None
+) -> str:
+    """The command (every value shell-quoted) that downloads ``spec``'s weights into ``<weights_dir>/<name>/``.
+
+    Gated repositories get the licence/login prerequisite spelled out.
+    """
+    argv = fetch_argv(spec, weights_dir, entry=entry)
+    if argv is None:
+        return "(no weights needed)"
+    e = entry or LockEntry.from_source(spec.name, spec.weights)  # type: ignore[arg-type]
+    cmd = shlex.join(argv)
+    if e.hf_repo:
         if spec.gated:
             cmd = (
                 f"after accepting the licence at https://huggingface.co/{e.hf_repo} and `hf auth login` "
                 f"(huggingface_hub<1.0: huggingface-cli login / download), run: {cmd}"
             )
         return cmd
-    url = str(e.url)
-    (first,) = list(e.files)[:1]
-    out = q(str(dest / first))
-    if url.startswith("gdrive:"):
-        return f"mkdir -p {q(str(dest))} && python -m gdown {url[len('gdrive:') :]} -O {out}  (pip install gdown)"
-    return f"mkdir -p {q(str(dest))} && curl -L --fail -o {out} {q(url)}"
+    cmd = f"mkdir -p {shlex.quote(str(_dest(spec, weights_dir)))} && {cmd}"
+    return cmd + "  (pip install gdown)" if "gdown" in argv else cmd
 
 
 def _hf_cached(
