@@ -18,6 +18,7 @@ from __future__ import annotations
 import ast
 import copy
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -39,12 +40,16 @@ class DeploymentError(RuntimeError):
 
 @dataclass(frozen=True)
 class PoolSpec:
-    """One work pool of ``work-pools.yaml``."""
+    """One work pool of ``work-pools.yaml``: what is fixed, what a run may choose, within which limits."""
 
     name: str
     type: str
     description: str = ""
     defaults: dict[str, Any] = field(default_factory=dict)
+    fixed: dict[str, Any] = field(default_factory=dict)
+    variables: dict[str, Any] = field(default_factory=dict)
+    limits: dict[str, Any] = field(default_factory=dict)
+    concurrency_limit: int | None = None
 
 
 def _fill_root(value: Any, root: Path) -> Any:
@@ -69,8 +74,16 @@ def load_pool_specs(path: Path | None = None, project_root: Path | None = None) 
     for name, spec in pools.items():
         if not isinstance(spec, dict) or not spec.get("type"):
             raise DeploymentError(f"{path}: pool '{name}' needs a 'type' (process, docker or slurm)")
-        defaults = _fill_root(spec.get("defaults") or {}, root)
-        specs[name] = PoolSpec(name, spec["type"], spec.get("description", ""), defaults)
+        specs[name] = PoolSpec(
+            name,
+            spec["type"],
+            spec.get("description", ""),
+            defaults=_fill_root(spec.get("defaults") or {}, root),
+            fixed=_fill_root(spec.get("fixed") or {}, root),
+            variables=spec.get("variables") or {},
+            limits=spec.get("limits") or {},
+            concurrency_limit=spec.get("concurrency_limit"),
+        )
     return specs
 
 
@@ -87,11 +100,52 @@ def default_base_job_template(pool_type: str) -> dict[str, Any]:
     return copy.deepcopy(cls.get_default_base_job_template())
 
 
+_PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+
+
+def _placeholders(value: Any) -> set[str]:
+    if isinstance(value, str):
+        return set(_PLACEHOLDER.findall(value))
+    if isinstance(value, list):
+        return set().union(*(_placeholders(v) for v in value)) if value else set()
+    if isinstance(value, dict):
+        return set().union(*(_placeholders(v) for v in value.values())) if value else set()
+    return set()
+
+
 def base_job_template(spec: PoolSpec) -> dict[str, Any]:
-    """``spec``'s base job template: the worker default with ``spec.defaults`` as variable defaults."""
+    """``spec``'s base job template: the worker default with ``spec.fixed`` written into the job
+    configuration (no longer a job variable), ``spec.variables`` added, ``spec.limits`` applied,
+    ``spec.defaults`` as variable defaults, and no job variable beyond these accepted by the server.
+    """
     template = default_base_job_template(spec.type)
-    validate_job_variables(template, spec.defaults, f"work pool '{spec.name}'")
-    props = template["variables"]["properties"]
+    config = template["job_configuration"]
+    variables = template["variables"]
+    props = variables.setdefault("properties", {})
+    where = f"work pool '{spec.name}'"
+    for key, value in spec.fixed.items():
+        if key not in config:
+            raise DeploymentError(
+                f"{where}: fixed '{key}' is not part of a {spec.type} job; known: {sorted(config)}"
+            )
+        config[key] = copy.deepcopy(value)
+        props.pop(key, None)
+    for key, schema in spec.variables.items():
+        if key in props:
+            raise DeploymentError(f"{where}: variable '{key}' exists already; constrain it under 'limits'")
+        props[key] = copy.deepcopy(schema)
+    for key, extra in spec.limits.items():
+        if key not in props:
+            raise DeploymentError(f"{where}: limits for '{key}', which is not a job variable of this pool")
+        props[key].update(copy.deepcopy(extra))
+    variables["required"] = [r for r in variables.get("required", []) if r in props]
+    variables["additionalProperties"] = False  # the server refuses any other job variable
+    undeclared = _placeholders(config) - set(props)
+    if undeclared:
+        raise DeploymentError(
+            f"{where}: the job configuration uses undeclared variable(s) {sorted(undeclared)}"
+        )
+    validate_job_variables(template, spec.defaults, where)
     for key, value in spec.defaults.items():
         props[key]["default"] = copy.deepcopy(value)
     return template
@@ -197,28 +251,106 @@ def _api_url() -> str:
 def ensure_work_pools(
     pools: list[str] | None = None, *, work_pools_yaml: Path | None = None, project_root: Path | None = None
 ) -> list[str]:
-    """Create the pools of ``work-pools.yaml`` (or only ``pools``) that do not exist; return those created."""
+    """Create the pools of ``work-pools.yaml`` (or only ``pools``), or bring existing ones to it.
+
+    An existing pool of that name gets this base job template and concurrency limit: a pool left
+    with an older, looser template would let runs choose what ``fixed`` forbids. Returns the pools
+    created or changed.
+    """
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectAlreadyExists
 
     specs = load_pool_specs(work_pools_yaml, project_root)
-    created = []
+    changed = []
     with get_client(sync_client=True) as client:
         for name in _select_pools(specs, pools):
             spec = specs[name]
-            pool = WorkPoolCreate(
-                name=name,
-                type=spec.type,
-                description=spec.description,
-                base_job_template=base_job_template(spec),
-            )
+            template = base_job_template(spec)
             try:
-                client.create_work_pool(pool)
-                created.append(name)
+                client.create_work_pool(
+                    WorkPoolCreate(
+                        name=name,
+                        type=spec.type,
+                        description=spec.description,
+                        base_job_template=template,
+                        concurrency_limit=spec.concurrency_limit,
+                    )
+                )
+                changed.append(name)
+                continue
             except ObjectAlreadyExists:
                 pass
-    return created
+            existing = client.read_work_pool(name)
+            if existing.type != spec.type:
+                raise DeploymentError(
+                    f"work pool '{name}' exists with type '{existing.type}', not '{spec.type}': "
+                    f"delete it (`prefect work-pool delete {name}`) or rename it in work-pools.yaml"
+                )
+            if (existing.base_job_template, existing.concurrency_limit) != (template, spec.concurrency_limit):
+                client.update_work_pool(
+                    name,
+                    WorkPoolUpdate(
+                        base_job_template=template,
+                        concurrency_limit=spec.concurrency_limit,
+                        description=spec.description,
+                    ),
+                )
+                changed.append(name)
+    return changed
+
+
+ZOMBIE_AUTOMATION = "stamp-crash-runs-without-heartbeats"
+
+
+def ensure_zombie_automation(silent_for_s: float = 300.0) -> bool:
+    """Install the automation that marks a flow run Crashed when its heartbeats stop; True if created.
+
+    A run whose worker, container or SLURM job died (walltime, node loss, ``kill -9``) stays Running
+    for ever on a self-hosted server otherwise. Flow runs on our pools beat every 60 s
+    (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` in work-pools.yaml); ``silent_for_s`` is how long a run
+    may stay silent before it is marked Crashed.
+    """
+    from datetime import timedelta
+
+    from prefect.automations import Automation
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    with get_client(sync_client=True) as client:
+        if any(a.name == ZOMBIE_AUTOMATION for a in client.read_automations()):
+            return False
+    Automation(
+        name=ZOMBIE_AUTOMATION,
+        description="A flow run that stops sending heartbeats (its process or node died) is marked Crashed.",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={
+                "prefect.flow-run.heartbeat",
+                "prefect.flow-run.Completed",
+                "prefect.flow-run.Failed",
+                "prefect.flow-run.Cancelled",
+                "prefect.flow-run.Crashed",
+            },
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=silent_for_s),
+        ),
+        actions=[
+            ChangeFlowRunState(
+                name=None,
+                force=False,
+                state=StateType.CRASHED,
+                message=f"no heartbeat for {silent_for_s:.0f} s: its process, container or job died",
+            )
+        ],
+    ).create()
+    return True
 
 
 def deploy_flows(
@@ -229,7 +361,8 @@ def deploy_flows(
     project_root: Path | None = None,
     timeout: float = 600.0,
 ) -> list[str]:
-    """Create missing work pools and register the deployments on ``pools`` (default: all).
+    """Create or update the work pools, install the zombie-run automation and register the deployments
+    on ``pools`` (default: all).
 
     ``pools`` takes pool names or types (``process``, ``docker``, ``slurm``). Returns the registered
     deployments' full names (``flow/deployment``), read back from the server.
@@ -241,6 +374,7 @@ def deploy_flows(
         return []
     used_pools = sorted({entry["work_pool"]["name"] for _, entry in planned})
     ensure_work_pools(used_pools, work_pools_yaml=work_pools_yaml, project_root=root)
+    ensure_zombie_automation()
     source = yaml.safe_load(Path(prefect_yaml or PREFECT_YAML).read_text())
     source.pop("definitions", None)
     source["deployments"] = [entry for _, entry in planned]

@@ -480,7 +480,6 @@ def test_prefect_docker_worker_runs_statistics_in_the_report_image(report_image,
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect_docker.worker import DockerWorker
 
     tag, env, _ = report_image
     data, out = tmp_path / "data", tmp_path / "out"
@@ -501,21 +500,31 @@ def test_prefect_docker_worker_runs_statistics_in_the_report_image(report_image,
         "ground_truth_label": "isMSIH",
         "true_class": "MSIH",
     }
-    job_variables = {
-        "image": tag,
-        "image_pull_policy": "Never",
-        "network_mode": "host",  # the container reaches the test's Prefect API on 127.0.0.1
-        "auto_remove": True,
+    # The stamp-docker pool's own template (work-pools.yaml: non-root, no capabilities, read-only root
+    # with a tmpfs /tmp, pids and memory limits), with only what this machine needs changed: the test's
+    # folders instead of /srv/stamp, no GPU, and the host network, because the test's Prefect API listens
+    # on 127.0.0.1 (a hospital node uses the `stamp-jobs` network that reaches only the API).
+    from stamp_flows.deployments import PoolSpec, base_job_template, load_pool_specs
+
+    spec = load_pool_specs()["stamp-docker"]
+    fixed = {
+        **spec.fixed,
+        "network_mode": "host",
+        "networks": [],
         "volumes": [f"{data}:/data:ro", f"{out}:/out"],
-        "env": {"PREFECT_HOME": "/tmp/prefect"},
+        "mem_limit": "4g",
+        "memswap_limit": "4g",
     }
+    limits = {**spec.limits, "image": {"enum": [tag]}}
+    template = base_job_template(
+        PoolSpec(pool, "docker", fixed=fixed, variables=spec.variables, limits=limits)
+    )
+    job_variables = {"image": tag, "device_requests": [], "shm_size": "2g"}
 
     async def submit() -> str:
         async with get_client() as client:
             await client.create_work_pool(
-                WorkPoolCreate(
-                    name=pool, type="docker", base_job_template=DockerWorker.get_default_base_job_template()
-                )
+                WorkPoolCreate(name=pool, type="docker", base_job_template=template)
             )
             flow_id = await client.create_flow_from_name("statistics")
             deployment_id = await client.create_deployment(

@@ -14,9 +14,11 @@ import yaml
 from stamp_flows.deployments import (
     PREFECT_YAML,
     REPO_ROOT,
+    ZOMBIE_AUTOMATION,
     DeploymentError,
     base_job_template,
     deploy_flows,
+    ensure_work_pools,
     load_pool_specs,
     planned_deployments,
 )
@@ -54,12 +56,50 @@ def test_pools_have_the_three_types_and_customised_templates() -> None:
         "stamp-docker": "docker",
         "stamp-slurm": "stamp-slurm",
     }
-    props = base_job_template(specs["stamp-docker"])["variables"]["properties"]
-    assert all(v.endswith(":ro") for v in props["volumes"]["default"] if "/data" in v or "/weights" in v)
-    assert props["env"]["default"]["HF_HUB_OFFLINE"] == "1"
-    slurm = base_job_template(specs["stamp-slurm"])["variables"]["properties"]
-    assert slurm["partition"]["default"] == "gpu" and slurm["gpus"]["default"] == 1
-    assert slurm["working_dir"]["default"] == str(REPO_ROOT.resolve())
+    docker = base_job_template(specs["stamp-docker"])
+    job = docker["job_configuration"]
+    assert all(v.endswith(":ro") for v in job["volumes"] if "/data" in v or "/weights" in v)
+    assert job["env"]["HF_HUB_OFFLINE"] == "1"
+    slurm = base_job_template(specs["stamp-slurm"])
+    assert slurm["variables"]["properties"]["partition"]["default"] == "gpu"
+    assert slurm["variables"]["properties"]["gpus"]["default"] == 1
+    assert slurm["job_configuration"]["working_dir"] == str(REPO_ROOT.resolve())
+
+
+#: What a run must never choose (H1): each is fixed in the pool's job configuration, not a job variable.
+FIXED = {
+    "stamp-process": {"command", "env", "working_dir"},
+    "stamp-docker": {
+        "command",
+        "env",
+        "privileged",
+        "volumes",
+        "network_mode",
+        "networks",
+        "container_create_kwargs",
+        "image_pull_policy",
+        "registry_credentials",
+        "mem_limit",
+    },
+    "stamp-slurm": {"command", "env", "working_dir", "source_files", "sbatch_args", "gres"},
+}
+
+
+def test_pools_fix_what_a_run_must_not_choose() -> None:
+    for name, spec in load_pool_specs().items():
+        template = base_job_template(spec)
+        variables = template["variables"]
+        assert variables["additionalProperties"] is False, name
+        assert not FIXED[name] & set(variables["properties"]), name
+        assert "{{" not in str(
+            {k: template["job_configuration"][k] for k in FIXED[name] - {"container_create_kwargs"}}
+        )
+    docker = base_job_template(load_pool_specs()["stamp-docker"])["job_configuration"]
+    kwargs = docker["container_create_kwargs"]
+    assert docker["privileged"] is False and docker["command"] is None
+    assert kwargs["cap_drop"] == ["ALL"] and kwargs["read_only"] is True and kwargs["user"] == "10001"
+    assert "/tmp" in kwargs["tmpfs"] and kwargs["pids_limit"] > 0 and docker["mem_limit"]
+    assert docker["network_mode"] is None and docker["networks"] == ["stamp-jobs"]
 
 
 def _yaml_with(tmp_path: Path, job_variables: dict[str, Any]) -> Path:
@@ -114,9 +154,7 @@ def test_registered_deployments_read_back(registered: list[str]) -> None:
             docker = client.read_deployment_by_name(f"{stage}/docker")
             assert (docker.entrypoint, docker.work_pool_name) == (entrypoint, "stamp-docker")
             assert docker.job_variables["image"] == f"localhost/{image}:{VERSION}"
-            kwargs = docker.job_variables["container_create_kwargs"]
-            assert kwargs["user"] == "10001"
-            assert (kwargs.get("device_requests") == [GPU]) == (stage != "statistics")
+            assert (docker.job_variables["device_requests"] == [GPU]) == (stage != "statistics")
             assert docker.pull_steps == [
                 {"prefect.deployments.steps.set_working_directory": {"directory": "/opt/stamp"}}
             ]
@@ -134,6 +172,84 @@ def test_registered_deployments_read_back(registered: list[str]) -> None:
     (action,) = automation.actions
     assert action.deployment_id == cohort.id
     assert action.parameters == {"config_path": "{{ event.payload.config_path }}", "relative_to_config": True}
+    with get_client(sync_client=True) as client:
+        limits = {n: client.read_work_pool(n).concurrency_limit for n in FIXED}
+        (zombie,) = [a for a in client.read_automations() if a.name == ZOMBIE_AUTOMATION]
+    assert (
+        limits == {n: load_pool_specs()[n].concurrency_limit for n in FIXED} and limits["stamp-docker"] == 1
+    )
+    assert zombie.trigger.posture == "Proactive" and zombie.trigger.after == {"prefect.flow-run.heartbeat"}
+    assert zombie.actions[0].state == "CRASHED"
+
+
+HOSTILE = [  # (deployment, job variables a run asks for)
+    ("preprocess/docker", {"privileged": True}),
+    ("preprocess/docker", {"volumes": ["/:/host"]}),
+    ("preprocess/docker", {"command": "sh -c 'id > /srv/stamp/work/pwned'"}),
+    ("preprocess/docker", {"container_create_kwargs": {"user": "0", "cap_add": ["SYS_ADMIN"]}}),
+    ("preprocess/docker", {"network_mode": "host"}),
+    ("preprocess/docker", {"env": {"LD_PRELOAD": "/srv/stamp/work/evil.so"}}),
+    ("preprocess/docker", {"image": "docker.io/attacker/image:latest"}),
+    (
+        "preprocess/docker",
+        {"device_requests": [{"driver": "nvidia", "count": -1, "capabilities": [["gpu"]]}]},
+    ),
+    ("cohort/process", {"command": "touch /tmp/pwned"}),
+    ("cohort/process", {"working_dir": "/tmp/attacker"}),
+    ("cohort/process", {"env": {"PYTHONPATH": "/tmp/attacker"}}),
+    ("train/slurm", {"sbatch_args": ["--wrap=touch /tmp/pwned"]}),
+    ("train/slurm", {"source_files": ["/tmp/attacker.sh"]}),
+    ("train/slurm", {"memory": 100000}),
+]
+
+
+def _parameters(dep: Any) -> dict[str, Any]:
+    """Values of the right type for the deployment's required parameters (the run is never executed)."""
+    schema = dep.parameter_openapi_schema
+    sample = {"string": "/srv/stamp/inbox/c/config.yaml", "object": {}, "boolean": False, "integer": 0}
+    return {
+        name: sample.get(schema["properties"][name].get("type", "object"), {})
+        for name in schema.get("required", [])
+    }
+
+
+@pytest.mark.parametrize(("deployment", "job_variables"), HOSTILE)
+def test_server_refuses_a_run_that_overrides_what_the_pool_fixes(
+    registered: list[str], deployment: str, job_variables: dict[str, Any]
+) -> None:
+    """H1: through the real API, a run asking for a privileged container, a host mount, another command..."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name(deployment)
+        with pytest.raises(Exception, match="Validation failed") as refused:
+            client.create_flow_run_from_deployment(
+                dep.id, parameters=_parameters(dep), job_variables=job_variables
+            )
+        assert str(next(iter(job_variables))) in str(refused.value) or "is not one of" in str(refused.value)
+        allowed = {"train/slurm": {"memory": 128}, "cohort/process": {}}.get(deployment, {"shm_size": "2g"})
+        run = client.create_flow_run_from_deployment(
+            dep.id, parameters=_parameters(dep), job_variables=allowed
+        )
+        client.delete_flow_run(run.id)  # the control: the same run with what a run may choose is accepted
+
+
+def test_an_existing_looser_pool_is_brought_to_the_template(registered: list[str]) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.workers.process import ProcessWorker
+
+    specs = load_pool_specs()
+    loose = ProcessWorker.get_default_base_job_template()
+    with get_client(sync_client=True) as client:
+        client.delete_work_pool("stamp-process")
+        client.create_work_pool(WorkPoolCreate(name="stamp-process", type="process", base_job_template=loose))
+    assert ensure_work_pools(["stamp-process"]) == ["stamp-process"]
+    assert ensure_work_pools(["stamp-process"]) == []  # already as written
+    with get_client(sync_client=True) as client:
+        pool = client.read_work_pool("stamp-process")
+    assert pool.base_job_template == base_job_template(specs["stamp-process"])
+    assert pool.concurrency_limit == specs["stamp-process"].concurrency_limit
 
 
 def test_server_refuses_a_bad_job_variable(registered: list[str]) -> None:
@@ -183,7 +299,11 @@ def test_docker_job_renders_image_gpu_readonly_mounts_env_and_user(registered: l
     assert config.image_pull_policy == "Never"
     assert settings["device_requests"] == [GPU]
     assert settings["user"] == "10001" and not settings["privileged"]
-    assert settings["security_opt"] == ["no-new-privileges"]
+    assert settings["security_opt"] == ["no-new-privileges"] and settings["cap_drop"] == ["ALL"]
+    assert settings["read_only"] is True and settings["tmpfs"]["/tmp"].startswith("rw,nosuid,nodev")
+    assert settings["pids_limit"] == 2048 and settings["mem_limit"] == settings["memswap_limit"] == "64g"
+    assert settings["shm_size"] == "8g"
+    assert settings["network"] == "stamp-jobs" and settings["network_mode"] is None
     mounts = {v.split(":")[1]: v.split(":")[2:] for v in settings["volumes"]}
     assert mounts["/srv/stamp/data"] == ["ro"] and mounts["/srv/stamp/weights"] == ["ro"]
     assert mounts["/srv/stamp/work"] == []  # outputs are written
@@ -192,3 +312,54 @@ def test_docker_job_renders_image_gpu_readonly_mounts_env_and_user(registered: l
     assert "STAMP_WEIGHTS_DIR" not in env, "the pool must not hide the weights baked into the image"
     assert env["PREFECT__FLOW_RUN_ID"] == str(run.id)
     assert settings["command"] == "prefect flow-run execute"
+
+
+def test_a_run_whose_heartbeats_stop_is_marked_crashed(registered: list[str]) -> None:
+    """The automation deploy-flows installs, acting for real: one heartbeat, then silence -> Crashed."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.events import emit_event
+    from prefect.states import Running
+
+    from stamp_flows.deployments import ensure_zombie_automation
+
+    def drop_zombie_automation() -> None:
+        with get_client(sync_client=True) as client:
+            for automation in client.read_automations():
+                if automation.name == ZOMBIE_AUTOMATION:
+                    client.delete_automation(automation.id)
+
+    drop_zombie_automation()
+    assert ensure_zombie_automation(silent_for_s=10) is True
+    assert ensure_zombie_automation(silent_for_s=10) is False  # once
+    try:
+        with get_client(sync_client=True) as client:
+            dep = client.read_deployment_by_name("cohort/process")
+            silent = client.create_flow_run_from_deployment(dep.id, parameters=_parameters(dep))
+            beating = client.create_flow_run_from_deployment(dep.id, parameters=_parameters(dep))
+            for run in (silent, beating):
+                client.set_flow_run_state(run.id, Running(), force=True)
+        emit_event(
+            event="prefect.flow-run.heartbeat",
+            resource={"prefect.resource.id": f"prefect.flow-run.{silent.id}"},
+        )
+        deadline = time.monotonic() + 120
+        state = None
+        while time.monotonic() < deadline:
+            emit_event(
+                event="prefect.flow-run.heartbeat",
+                resource={"prefect.resource.id": f"prefect.flow-run.{beating.id}"},
+            )
+            with get_client(sync_client=True) as client:
+                state = client.read_flow_run(silent.id).state
+                alive = client.read_flow_run(beating.id).state
+            if state is not None and state.type.value == "CRASHED":
+                break
+            time.sleep(2)
+        assert state is not None and state.type.value == "CRASHED", state
+        assert "no heartbeat" in (state.message or "")
+        assert alive is not None and alive.type.value == "RUNNING"  # a run that keeps beating is left alone
+    finally:
+        drop_zombie_automation()
+        ensure_zombie_automation()
