@@ -417,6 +417,30 @@ def _read_back(names: list[str]) -> list[str]:
     return names
 
 
+def worker_command(
+    pool: str, extra: list[str] | None = None, *, work_pools_yaml: Path | None = None
+) -> list[str]:
+    """The argv that starts a worker polling ``pool`` (its type from ``work-pools.yaml``)."""
+    specs = load_pool_specs(work_pools_yaml)
+    if pool not in specs:
+        raise DeploymentError(f"unknown work pool '{pool}'; the pools of work-pools.yaml are {sorted(specs)}")
+    spec = specs[pool]
+    if spec.type == "stamp-slurm":
+        return [sys.executable, "-m", "stamp_flows.slurm_worker", "start", "--pool", pool, *(extra or [])]
+    return [
+        sys.executable,
+        "-m",
+        "prefect",
+        "worker",
+        "start",
+        "--pool",
+        pool,
+        "--type",
+        spec.type,
+        *(extra or []),
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m stamp_flows.deployments [template POOL | deploy [POOL...]]``."""
     import json

@@ -96,6 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="only this pool (name or type); repeatable",
     )
 
+    worker = sub.add_parser(
+        "worker", help="Start a Prefect worker for one of the pools of deployments/work-pools.yaml"
+    )
+    worker.add_argument("--pool", required=True, help="work pool name, e.g. stamp-process")
+    worker.add_argument(
+        "worker_args", nargs=argparse.REMAINDER, help="passed on to the worker, e.g. --limit 2"
+    )
+
     server = sub.add_parser("server", help="Run a local Prefect server + UI that stamp commands reuse")
     server.add_argument("--port", type=int, default=None, help="port (default: a free one)")
     server.add_argument(
@@ -241,6 +249,7 @@ HANDLERS = {
     "run": cli_stages.cmd_run,
     "watch": cli_stages.cmd_watch,
     "deploy-flows": cli_stages.cmd_deploy_flows,
+    "worker": cli_stages.cmd_worker,
 }
 
 

@@ -155,3 +155,30 @@ def cmd_deploy_flows(args: argparse.Namespace) -> int:
     for name in names:
         print(f"deployed {name}")
     return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """`stamp worker --pool NAME`: a Prefect worker for one of our pools, with our client settings.
+
+    It runs ``prefect worker start`` (or our sbatch worker) in place of this process, with telemetry
+    off and the local server's auth string when that is the server (what a bare ``prefect worker
+    start`` does not do); SIGTERM from systemd then reaches the worker itself.
+    """
+    import os
+    import sys
+
+    target = _configure_prefect(args)
+    from stamp_flows.deployments import DeploymentError, worker_command
+
+    if target.mode == "embedded":
+        return _fail(
+            "a worker needs a running Prefect server: start one with `stamp server --background` "
+            "or set PREFECT_API_URL (and PREFECT_API_AUTH_STRING)"
+        )
+    try:
+        argv = worker_command(args.pool, args.worker_args)
+    except DeploymentError as exc:
+        return _fail(str(exc))
+    sys.stdout.flush()
+    os.execv(argv[0], argv)
+    return 0  # not reached

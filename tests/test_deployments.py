@@ -363,3 +363,33 @@ def test_a_run_whose_heartbeats_stop_is_marked_crashed(registered: list[str]) ->
     finally:
         drop_zombie_automation()
         ensure_zombie_automation()
+
+
+def test_stamp_worker_starts_the_pools_own_worker(prefect_api: str, tmp_path: Path) -> None:
+    """`stamp worker --pool`: the right worker type for the pool, against the configured server."""
+    import os
+    import subprocess
+    import sys
+
+    from stamp_flows.deployments import worker_command
+
+    assert worker_command("stamp-slurm", ["--limit", "2"])[1:] == [
+        "-m", "stamp_flows.slurm_worker", "start", "--pool", "stamp-slurm", "--limit", "2",
+    ]  # fmt: skip
+    assert worker_command("stamp-docker")[-2:] == ["--type", "docker"]
+    with pytest.raises(DeploymentError, match=r"unknown work pool 'gpu-pool'.*stamp-process"):
+        worker_command("gpu-pool")
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(tmp_path / "home")}
+    cli = [sys.executable, "-c", "import sys; from stamp.cli import main; sys.exit(main())", "worker"]
+    bad = subprocess.run([*cli, "--pool", "gpu-pool"], env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "unknown work pool 'gpu-pool'" in bad.stderr
+    pool = f"stamp-worker-probe-{uuid.uuid4().hex[:6]}"
+    probe = tmp_path / "work-pools.yaml"
+    probe.write_text(yaml.safe_dump({"pools": {pool: {"type": "process"}}}))
+    argv = worker_command(pool, ["--run-once"], work_pools_yaml=probe)
+    run = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        assert client.read_work_pool(pool).type == "process"  # the worker reached this server
