@@ -23,6 +23,7 @@ from prefect.futures import PrefectFuture, as_completed
 from tqdm import tqdm
 
 from stamp.config import PreprocessingConfig, resolve_device
+from stamp.escaping import markdown_cell, markdown_code
 from stamp.fileio import atomic_write_text, sweep_temps
 from stamp.hashing import shared_index
 from stamp.logs import logger
@@ -176,15 +177,11 @@ def _collect(
     return _row(slide, wsi_dir, "failed", None, f"task ended in state {state.name}")
 
 
-def _cell(value: Any) -> str:
-    return "" if value is None else str(value).replace("|", "/")
-
-
 def _summary_md(rows: list[dict[str, Any]], counts: dict[str, int], feat_dir: Path) -> str:
     head = "| " + " | ".join(TABLE_COLUMNS) + " |\n|" + "---|" * len(TABLE_COLUMNS) + "\n"
-    body = "".join("| " + " | ".join(_cell(r.get(c)) for c in TABLE_COLUMNS) + " |\n" for r in rows)
+    body = "".join("| " + " | ".join(markdown_cell(r.get(c)) for c in TABLE_COLUMNS) + " |\n" for r in rows)
     totals = ", ".join(f"{n} {s}" for s, n in counts.items())
-    return f"# preprocess summary\n\nfeatures: `{feat_dir}`\n\n{totals}\n\n{head}{body}"
+    return f"# preprocess summary\n\nfeatures: {markdown_code(feat_dir)}\n\n{totals}\n\n{head}{body}"
 
 
 @flow(name="preprocess", task_runner=thread_pool(2))

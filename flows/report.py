@@ -24,6 +24,7 @@ from prefect.futures import PrefectFuture
 
 from stamp.config import resolve_device
 from stamp.config_models import HeatmapsConfig, StatisticsConfig
+from stamp.escaping import markdown_cell, markdown_code
 from stamp.fileio import sweep_temps
 from stamp.logs import logger
 from stamp_flows import logfilters
@@ -47,7 +48,7 @@ def inline_png(path: str | Path, width: int = 360) -> str:
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=True)
     data = base64.b64encode(buf.getvalue()).decode()
-    return f"![{Path(path).name}](data:image/png;base64,{data})"
+    return f"![{markdown_cell(Path(path).name)}](data:image/png;base64,{data})"
 
 
 @flow(name="statistics", task_runner=thread_pool(1))
@@ -72,7 +73,7 @@ def statistics_flow(section: dict[str, Any]) -> dict[str, Any]:
         lambda: statistics_task.with_options(refresh_cache=True).submit(csvs, section),
     )
     create_table_artifact(key="statistics-metrics", table=result["rows"], description=f"in {sec.output_dir}")
-    images = "\n\n".join(f"{inline_png(p)}\n\n`{p}`" for p in result["plots"][:8])
+    images = "\n\n".join(f"{inline_png(p)}\n\n{markdown_code(p)}" for p in result["plots"][:8])
     create_markdown_artifact(key="statistics-plots", markdown=f"{result['summary']}\n\n{images}\n")
     logger.info("statistics: %d files in %s", len(result["files"]), sec.output_dir)
     return {**result, "output_dir": str(sec.output_dir), "seconds": time.perf_counter() - start}
@@ -139,7 +140,9 @@ def heatmaps_flow(section: dict[str, Any]) -> dict[str, Any]:
     rows += [{"slide": str(s.slide_path), "status": "skipped", "reason": s.reason} for s in plan.skipped]
     create_table_artifact(key="heatmaps-slides", table=rows, description=f"heatmaps in {sec.output_dir}")
     gallery = "\n\n".join(
-        f"**{r['slide']}**\n\n{inline_png(r['overview'], 480)}" for r in rows[:6] if r.get("overview")
+        f"**{markdown_cell(r['slide'])}**\n\n{inline_png(r['overview'], 480)}"
+        for r in rows[:6]
+        if r.get("overview")
     )
     create_markdown_artifact(key="heatmaps-gallery", markdown=f"# heatmaps\n\n{gallery}\n")
     failed = sum(r["status"] == "failed" for r in rows)

@@ -452,3 +452,27 @@ def test_t_interval_is_clipped_to_the_metric_range() -> None:
     mean, lo, hi = t_interval([0.55, 0.99, 1.0, 0.6, 1.0], bounds=(0.0, 1.0))
     _, raw_lo, raw_hi = t_interval([0.55, 0.99, 1.0, 0.6, 1.0])
     assert raw_hi > 1.0 and hi == 1.0 and lo == raw_lo and mean == pytest.approx(0.828)
+
+
+def test_formula_like_names_are_guarded_in_csvs_and_round_trip(tmp_path) -> None:
+    """Patient ids / class names starting ``=`` are written with a ``'`` guard, read back as they were."""
+    from stamp.modeling.predictions import write_csv
+
+    classes = ["=MSI*H", "nonMSIH"]
+    df = _class_table(np.random.default_rng(7), 50, "isMSIH", classes)
+    df["PATIENT"] = [f"=1+{p}" for p in df["PATIENT"]]
+    csv = tmp_path / "preds" / "patient-preds.csv"
+    csv.parent.mkdir()
+    write_csv(df, csv)
+    text = csv.read_text()
+    assert "\n'=1+P0000," in text and ",'=MSI*H," in text and "isMSIH_=MSI*H" in text  # headers as configured
+    assert list(pd.read_csv(csv, dtype=str)["isMSIH"].str.lstrip("'")) == list(df["isMSIH"])
+
+    out = tmp_path / "out"
+    result = compute_statistics(_cfg(out, [csv], ground_truth_label="isMSIH", true_class="=MSI*H"))
+    ind = pd.read_csv(out / "isMSIH_categorical-stats_individual.csv", dtype=str)
+    assert set(ind["class"]) == {"'=MSI*H", "nonMSIH"}
+    y, probs, _ = _truth(df, "isMSIH", classes)
+    row = ind[ind["class"] == "'=MSI*H"].iloc[0]
+    assert float(row["roc_auc_score"]) == pytest.approx(roc_auc_score(y == "=MSI*H", probs[:, 0]), rel=1e-12)
+    assert "**isMSIH = =MSI\\*H**" in result.summary_markdown

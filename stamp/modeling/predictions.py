@@ -34,6 +34,7 @@ import torch
 from scipy.special import logsumexp
 from torch.utils.data import DataLoader
 
+from stamp.escaping import csv_safe_frame
 from stamp.fileio import atomic_path
 from stamp.stopping import check_stop
 
@@ -209,10 +210,14 @@ def patient_preds_table(
 
 
 def write_csv(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
-    """Write ``df`` to ``path`` without the index, atomically (temp file + rename)."""
+    """Write ``df`` to ``path`` without the index, atomically (temp file + rename).
+
+    Text cells a spreadsheet would read as a formula (a patient id ``=1+1``) get a leading
+    ``'`` (:func:`stamp.escaping.csv_safe`); our readers strip it (``csv_unguard_frame``).
+    """
     path = Path(path)
     with atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False)
+        csv_safe_frame(df).to_csv(tmp, index=False)
     return path
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from stamp.config_models import StatisticsConfig
+from stamp.escaping import markdown_cell, markdown_code
 from stamp.fileio import staging_dir
 from stamp.hashing import package_code_hash, shared_index
 from stamp.provenance import Check, Provenance, check_files, publish_files
@@ -107,7 +108,7 @@ def compute_statistics(sec: StatisticsConfig, *, n_bootstrap: int = 1000, seed: 
         for src in sources
     ]
     used = ["", "| prediction file | sha256 |", "|---|---|"]
-    used += [f"| `{i['file']}` | `{i['sha256'][:16]}` |" for i in result.inputs]
+    used += [f"| {markdown_code(i['file'])} | `{i['sha256'][:16]}` |" for i in result.inputs]
     result.summary_markdown += "\n".join(used) + "\n"
     return result
 
@@ -128,13 +129,13 @@ def _compute(
         outcome: Outcome = classification_statistics(
             sources, frames, targets, out_dir, true_class=sec.true_class, n_bootstrap=n_bootstrap, seed=seed
         )
-        heading = f"Classification statistics ({', '.join(targets)})"
+        heading = f"Classification statistics ({', '.join(map(markdown_cell, targets))})"
     elif sec.task == "regression":
         from stamp.statistics.regression import regression_statistics, regression_target
 
         target = regression_target(frames[0], sources[0].path, sec.ground_truth_label)
         outcome = regression_statistics(sources, frames, target, out_dir, n_bootstrap=n_bootstrap, seed=seed)
-        heading = f"Regression statistics ({target})"
+        heading = f"Regression statistics ({markdown_cell(target)})"
     else:
         from stamp.statistics.survival import survival_statistics
 
@@ -142,7 +143,7 @@ def _compute(
             sources, frames, out_dir, time_label=sec.time_label, status_label=sec.status_label
         )
         heading = "Survival statistics"
-    files = ", ".join(f"`{s.label}`" for s in sources[:6]) + (" …" if len(sources) > 6 else "")
+    files = ", ".join(markdown_code(s.label) for s in sources[:6]) + (" …" if len(sources) > 6 else "")
     summary = "\n".join(
         [f"### {heading}", f"{len(sources)} prediction file(s): {files}", "", *outcome.summary]
     )

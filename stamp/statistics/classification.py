@@ -35,6 +35,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from stamp.escaping import markdown_cell
 from stamp.statistics.bootstrap import ClassBootstrap, bootstrap_class, resample_indices, t_interval
 from stamp.statistics.outcome import Outcome
 from stamp.statistics.plots import Curve, pr_figure, roc_figure, save_figure
@@ -282,7 +283,7 @@ def classification_statistics(
         for cls in _plot_classes(target, list(agg_df["class"]), true_class, multi):
             row = agg_df[agg_df["class"] == cls].iloc[0]
             outcome.summary.append(
-                f"- **{target} = {cls}**: AUROC {_fmt(row['roc_auc_score_mean'])}"
+                f"- **{markdown_cell(target)} = {markdown_cell(cls)}**: AUROC {_fmt(row['roc_auc_score_mean'])}"
                 f"{_ci_text(row['roc_auc_score_ci_low'], row['roc_auc_score_ci_high'])}, "
                 f"AP {_fmt(row['average_precision_score_mean'])}, F1 {_fmt(row['f1_score_mean'])} "
                 f"({row['count']} positive, {row['ci_method']} over {row['n_sources']} file(s))"

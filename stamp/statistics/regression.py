@@ -18,6 +18,7 @@ import pandas as pd
 from scipy import stats
 from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
+from stamp.escaping import markdown_cell
 from stamp.statistics.bootstrap import bootstrap_regression, percentile_ci, resample_indices, t_interval
 from stamp.statistics.outcome import Outcome
 from stamp.statistics.plots import save_figure, scatter_figure
@@ -168,7 +169,7 @@ def regression_statistics(
     if np.isfinite(agg["r2_score_ci_low"]):
         ci = f" [{agg['r2_score_ci_low']:.2f}–{agg['r2_score_ci_high']:.2f}]"
     outcome.summary.append(
-        f"- **{target}**: R² {agg['r2_score_mean']:.3f}{ci}, Pearson r {agg['pearson_r_mean']:.3f}, "
+        f"- **{markdown_cell(target)}**: R² {agg['r2_score_mean']:.3f}{ci}, Pearson r {agg['pearson_r_mean']:.3f}, "
         f"MAE {agg['mae_mean']:.3g}, RMSE {agg['rmse_mean']:.3g} ({agg['count']} patients, "
         f"{agg['ci_method']} over {agg['n_sources']} file(s))"
     )

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from stamp.escaping import csv_safe_frame, csv_unguard_frame
 from stamp.fileio import atomic_path
 
 __all__ = [
@@ -93,7 +94,11 @@ def sources_for(paths: Sequence[Path]) -> list[Source]:
 
 
 def read_preds(path: Path) -> pd.DataFrame:
-    """The CSV as strings (missing values NaN), so class labels like ``1`` stay ``"1"``."""
+    """The CSV as strings (missing values NaN), so class labels like ``1`` stay ``"1"``.
+
+    Cells we guarded against spreadsheet formulas (:func:`stamp.escaping.csv_safe`) are
+    read back as written before the guard (a patient id ``=1+1`` stays ``=1+1``).
+    """
     try:
         df = pd.read_csv(path, dtype=str)
     except (OSError, ValueError) as exc:
@@ -102,7 +107,7 @@ def read_preds(path: Path) -> pd.DataFrame:
         raise StatisticsError(
             f"prediction CSV {path} has no rows: point statistics.pred_csvs at a filled file"
         )
-    return df
+    return csv_unguard_frame(df)
 
 
 def require_columns(df: pd.DataFrame, path: Path, columns: Iterable[str], what: str) -> None:
@@ -247,7 +252,7 @@ def json_row(row: dict[str, object]) -> dict[str, object]:
 
 
 def write_table(df: pd.DataFrame, path: Path) -> Path:
-    """Write ``df`` as CSV (no index) atomically; return the path."""
+    """Write ``df`` as CSV (no index) atomically, text cells guarded against formulas; return the path."""
     with atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False)
+        csv_safe_frame(df).to_csv(tmp, index=False)
     return Path(path)
