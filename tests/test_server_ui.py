@@ -6,6 +6,7 @@ installed by ``deployments/ui/install-chromium.sh`` when missing (or set ``STAMP
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import subprocess
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.local_prefect import server_auth
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS_DIR = REPO_ROOT / "test-artifacts"
@@ -42,30 +45,85 @@ def _chromium() -> str:
     return proc.stdout.strip().splitlines()[-1]
 
 
-def _browse(chromium: str, url: str, *args: str) -> str:
-    cmd = [
-        chromium,
-        "--headless",
-        "--no-sandbox",  # we run as root in CI
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--hide-scrollbars",
-        "--window-size=1400,900",
-        "--virtual-time-budget=20000",
-        *args,
-        url,
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout
+class _Browser:
+    """Headless Chromium driven over the DevTools protocol (the UI keeps its login in localStorage)."""
+
+    def __init__(self, chromium: str, profile: Path) -> None:
+        import json
+        import urllib.request
+
+        import websockets.sync.client
+
+        self.proc = subprocess.Popen(
+            [
+                chromium,
+                "--headless",
+                "--no-sandbox",  # we run as root in CI
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--hide-scrollbars",
+                "--window-size=1400,900",
+                "--remote-debugging-port=0",
+                f"--user-data-dir={profile}",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stderr is not None
+        port = None
+        for line in self.proc.stderr:
+            found = re.search(r"DevTools listening on ws://127\.0\.0\.1:(\d+)/", line)
+            if found:
+                port = found.group(1)
+                break
+        assert port, "chromium did not open its DevTools port"
+        targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json", timeout=30))
+        page = next(t for t in targets if t["type"] == "page")
+        self.ws = websockets.sync.client.connect(page["webSocketDebuggerUrl"], max_size=64 * 2**20)
+        self.next_id = 0
+
+    def call(self, method: str, **params: Any) -> dict[str, Any]:
+        import json
+
+        self.next_id += 1
+        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:
+            message = json.loads(self.ws.recv(timeout=120))
+            if message.get("id") == self.next_id:
+                assert "error" not in message, message
+                return dict(message.get("result", {}))
+
+    def open(self, url: str, settle_s: float = 4.0) -> None:
+        self.call("Page.navigate", url=url)
+        time.sleep(settle_s)
+
+    def dom(self) -> str:
+        result = self.call("Runtime.evaluate", expression="document.documentElement.outerHTML")
+        return str(result["result"]["value"])
+
+    def wait_for(self, text: str, timeout: float = 60.0) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            dom = self.dom()
+            if text in dom or time.monotonic() > deadline:
+                return dom
+            time.sleep(1)
+
+    def screenshot(self, path: Path) -> None:
+        path.write_bytes(base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"]))
+
+    def close(self) -> None:
+        self.ws.close()
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
 
 
-def _post(api: str, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
-    import httpx
+def _post(api: str, home: Path, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    from tests.local_prefect import server_post
 
-    resp = httpx.post(f"{api}{path}", json=body, timeout=30)
-    resp.raise_for_status()
-    return resp.json()
+    return list(server_post(api, home, path, body))
 
 
 @pytest.mark.slow
@@ -111,38 +169,50 @@ def test_demo_runs_show_up_in_a_local_server_and_its_ui(tmp_path: Path) -> None:
         times["stamp demo"] = time.monotonic() - t0
         assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-3000:]
 
-        (run,) = _post(api, "/flow_runs/filter", {"flows": {"name": {"any_": ["demo"]}}})
+        (run,) = _post(api, home, "/flow_runs/filter", {"flows": {"name": {"any_": ["demo"]}}})
         assert run["state_type"] == "COMPLETED"
-        (pre,) = _post(api, "/flow_runs/filter", {"flows": {"name": {"any_": ["preprocess"]}}})
+        (pre,) = _post(api, home, "/flow_runs/filter", {"flows": {"name": {"any_": ["preprocess"]}}})
         assert pre["state_type"] == "COMPLETED"
         slides = sorted(p.name for p in (out / "cohort" / "slides").glob("*.svs"))
-        tasks = _post(api, "/task_runs/filter", {"flow_runs": {"id": {"any_": [pre["id"]]}}})
+        tasks = _post(api, home, "/task_runs/filter", {"flow_runs": {"id": {"any_": [pre["id"]]}}})
         per_slide = sorted(t["name"] for t in tasks if t["name"].startswith("preprocess-"))
         assert per_slide == [f"preprocess-{s}" for s in slides]
         assert {t["state_type"] for t in tasks if t["name"].startswith("preprocess-")} == {"COMPLETED"}
 
         artifacts = _post(
-            api, "/artifacts/filter", {"artifacts": {"key": {"any_": list(DEMO_ARTIFACT_KEYS)}}}
+            api, home, "/artifacts/filter", {"artifacts": {"key": {"any_": list(DEMO_ARTIFACT_KEYS)}}}
         )
         assert set(DEMO_ARTIFACT_KEYS) <= {a["key"] for a in artifacts}
         table = next(a for a in artifacts if a["key"] == "preprocess-slides")
         assert table["type"] == "table" and len(_table_rows(table["data"])) == len(slides)
 
-        # a real browser renders the runs page (the demo run on it), the preprocess run and the artifacts
+        # a real browser: without the auth string the UI shows no runs (H1); logged in, it renders the
+        # runs page (the demo run on it), the preprocess run and the artifacts
         ARTIFACTS_DIR.mkdir(exist_ok=True)
         t0 = time.monotonic()
-        dom = _browse(chromium, f"{ui}/v2/runs", "--dump-dom")
-        assert run["name"] in dom, "the demo flow run is not listed in the UI's runs page"
-        for name, url in (
-            ("prefect-ui-runs.png", f"{ui}/v2/runs"),
-            ("prefect-ui-preprocess-run.png", f"{ui}/v2/runs/flow-run/{pre['id']}"),  # per-slide tasks
-            ("prefect-ui-artifacts.png", f"{ui}/v2/artifacts"),
-        ):
-            shot = ARTIFACTS_DIR / name
-            shot.unlink(missing_ok=True)
-            _browse(chromium, url, f"--screenshot={shot}")
-            assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        times["chromium (4 page loads)"] = time.monotonic() - t0
+        browser = _Browser(chromium, tmp_path / "chromium-profile")
+        try:
+            browser.open(f"{ui}/v2/runs", settle_s=8)
+            assert run["name"] not in browser.dom(), "the UI listed runs to a browser without the auth string"
+            secret = base64.b64encode(server_auth(home).encode()).decode()
+            browser.call(
+                "Runtime.evaluate", expression=f"localStorage.setItem('prefect-password', '{secret}')"
+            )
+            browser.open(f"{ui}/v2/runs")
+            assert run["name"] in browser.wait_for(run["name"]), "the demo flow run is not listed in the UI"
+            for name, url in (
+                ("prefect-ui-runs.png", f"{ui}/v2/runs"),
+                ("prefect-ui-preprocess-run.png", f"{ui}/v2/runs/flow-run/{pre['id']}"),  # per-slide tasks
+                ("prefect-ui-artifacts.png", f"{ui}/v2/artifacts"),
+            ):
+                shot = ARTIFACTS_DIR / name
+                shot.unlink(missing_ok=True)
+                browser.open(url, settle_s=6)
+                browser.screenshot(shot)
+                assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        finally:
+            browser.close()
+        times["chromium (login + 4 page loads)"] = time.monotonic() - t0
     finally:
         stop_server(home)
         server.wait(timeout=30)
