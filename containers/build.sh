@@ -7,7 +7,8 @@
 # STAGE is preprocess, modeling or report. Tags localhost/stamp-<stage>:<version>[-cpu].
 #
 # --cpu     base = a local Debian bookworm image made with debootstrap (cached as a tar under
-#           $STAMP_PODMAN_STATE/base, so a second run skips debootstrap), torch = the CPU wheel
+#           $STAMP_PODMAN_STATE/base, the private state dir of podman-setup.sh, so a second run skips
+#           debootstrap; a state dir others could change is refused), torch = the CPU wheel
 #           from $STAMP_WHEELS_DIR (default /opt/wheels) mounted read-only at build time.
 # GPU       base = $STAMP_CUDA_BASE (default: the CUDA base image named in the Dockerfile), torch from PyPI.
 # weights   --encoders (or $STAMP_BAKE_ENCODERS) names encoders of containers/weights.lock.json to bake;
@@ -17,13 +18,19 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
-STATE=${STAMP_PODMAN_STATE:-/var/tmp/stamp-podman}
+# shellcheck source=../deployments/lib/state-dir.sh
+. "$REPO/deployments/lib/state-dir.sh"
+if ((EUID == 0)); then
+    STATE=${STAMP_PODMAN_STATE:-/var/lib/stamp-podman}
+else
+    STATE=${STAMP_PODMAN_STATE:-${XDG_STATE_HOME:-$HOME/.local/state}/stamp-podman}
+fi
 BUILDER=${STAMP_BUILDER:-podman}
 CPU_BASE=${STAMP_CPU_BASE:-localhost/stamp-base:debian-bookworm}
 SUITE=bookworm
 log() { echo "build.sh: $*" >&2; }
 die() {
-    log "$*"
+    log "ERROR: $*"
     exit 1
 }
 
@@ -67,11 +74,13 @@ ensure_cpu_base() {
     if $BUILDER image exists "$CPU_BASE" 2>/dev/null; then
         return
     fi
+    # the cached tar becomes every CPU image's root filesystem: only from a folder no other user can change
+    ensure_state_dir "$STATE" 700 STAMP_PODMAN_STATE
+    ensure_state_dir "$STATE/base" 700 STAMP_PODMAN_STATE
     local tar="$STATE/base/debian-$SUITE-minbase.tar"
     if [[ ! -s $tar ]]; then
         command -v debootstrap >/dev/null || die "debootstrap is missing: run containers/podman-setup.sh as root"
         local root="$STATE/base/rootfs.$$" t0=$SECONDS
-        mkdir -p "$STATE/base"
         rm -rf "$root"
         log "debootstrap --variant=minbase $SUITE ($(debian_mirror)) ..."
         debootstrap --variant=minbase "$SUITE" "$root" "$(debian_mirror)" >"$STATE/base/debootstrap.log" 2>&1 ||

@@ -4,8 +4,10 @@
 #   eval "$(containers/podman-setup.sh)"     # installs what is missing, prints the env to export
 #
 # * installs podman, buildah, runc and debootstrap with apt-get when missing (needs root);
-# * writes containers.conf and storage.conf into a state dir (default /var/tmp/stamp-podman,
-#   $STAMP_PODMAN_STATE overrides) and touches no system file;
+# * writes containers.conf and storage.conf into a private state dir ($STAMP_PODMAN_STATE; default
+#   /var/lib/stamp-podman for root, ${XDG_STATE_HOME:-~/.local/state}/stamp-podman otherwise), made with
+#   mode 0700; an existing one that another user owns or can write (or a folder above it) is refused, since
+#   it holds the storage config, the image store and build.sh's cached base image. Touches no system file;
 # * prints `export CONTAINERS_CONF=... CONTAINERS_STORAGE_CONF=...` on stdout (logs go to stderr).
 #
 # Why these settings (see containers/README.md): crun fails here on rlimits and on the hybrid
@@ -14,8 +16,20 @@
 # ($STAMP_PODMAN_DRIVER forces one).
 set -euo pipefail
 
-STATE=${STAMP_PODMAN_STATE:-/var/tmp/stamp-podman}
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=../deployments/lib/state-dir.sh
+. "$HERE/../deployments/lib/state-dir.sh"
+if ((EUID == 0)); then
+    STATE=${STAMP_PODMAN_STATE:-/var/lib/stamp-podman}
+else
+    STATE=${STAMP_PODMAN_STATE:-${XDG_STATE_HOME:-$HOME/.local/state}/stamp-podman}
+fi
 log() { echo "podman-setup: $*" >&2; }
+die() {
+    echo "podman-setup: ERROR: $*" >&2
+    exit 1
+}
+ensure_state_dir "$STATE" 700 STAMP_PODMAN_STATE
 
 need=()
 for bin in podman buildah runc debootstrap; do
@@ -33,8 +47,7 @@ if ((${#need[@]})); then
         ca-certificates uidmap iptables >&2
 fi
 
-mkdir -p "$STATE"
-cat >"$STATE/containers.conf" <<'EOF'
+write_file "$STATE/containers.conf" 644 <<'EOF'
 [containers]
 default_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]
 
@@ -45,7 +58,7 @@ events_logger = "file"
 EOF
 
 write_storage() {
-    cat >"$STATE/storage.conf" <<EOF
+    write_file "$STATE/storage.conf" 644 <<EOF
 [storage]
 driver = "$1"
 runroot = "$STATE/run-$1"

@@ -5,7 +5,9 @@
 #   sudo deployments/slurm/slurm-down.sh        # stops what this script started, by PID
 #
 # Environment:
-#   STAMP_SLURM_STATE   state dir (PIDs, logs, spool, a copy of slurm.conf)   default /tmp/stamp-slurm
+#   STAMP_SLURM_STATE   state dir (PIDs, logs, spool, a copy of slurm.conf)   default /var/lib/stamp-slurm
+#                       made root-owned, mode 0711; an existing one (or a folder above it) that another
+#                       user owns or can write is refused: slurm.conf is written there before /etc/slurm
 #   STAMP_SLURM_MEM_MB  RealMemory given to the node                          default 85 % of `slurmd -C`
 #   STAMP_SLURM_FORCE=1 overwrite an /etc/slurm/slurm.conf this script did not write
 #   STAMP_SLURM_GPUS    GRES gpu count: `auto` (default) = the /dev/nvidia[0-9]* devices present (0 here);
@@ -16,17 +18,25 @@
 # Needs root (apt, munge key, daemons). Debian/Ubuntu only (apt-get); tested on Debian 12 with Slurm 22.05.
 set -euo pipefail
 
-STATE="${STAMP_SLURM_STATE:-/tmp/stamp-slurm}"
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=../lib/state-dir.sh
+. "$HERE/../lib/state-dir.sh"
+STATE="${STAMP_SLURM_STATE:-/var/lib/stamp-slurm}"
 CONF=/etc/slurm/slurm.conf
 MARKER="# written by stamp deployments/slurm/slurm-up.sh"
 HOST="$(hostname -s)"
 
 log() { printf '[slurm-up] %s\n' "$*" >&2; }
 die() { printf '[slurm-up] ERROR: %s\n' "$*" >&2; exit 1; }
-alive() { [[ -s "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+alive() { # PIDFILE NAME: the PID in PIDFILE is a running NAME
+    local pid
+    pid="$(pid_from "$1")" && is_process "$pid" "$2"
+}
 
 [[ $EUID -eq 0 ]] || die "run as root (it installs packages and starts munged/slurmctld/slurmd)"
 t0=$(date +%s)
+# slurmctld runs as user slurm: it must traverse the state dir (to ctld/ and log/), not list or write it
+ensure_state_dir "$STATE" 711 STAMP_SLURM_STATE
 
 # --- 1. packages ---------------------------------------------------------------------------------
 need=()
@@ -37,23 +47,23 @@ if ((${#need[@]})); then
     command -v apt-get >/dev/null || die "apt-get not found: install ${need[*]} by hand"
     log "installing ${need[*]} (apt)"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -q --no-install-recommends "${need[@]}" >"/tmp/stamp-slurm-apt.log" 2>&1 || {
-        apt-get update -q >>"/tmp/stamp-slurm-apt.log" 2>&1
-        apt-get install -y -q --no-install-recommends "${need[@]}" >>"/tmp/stamp-slurm-apt.log" 2>&1 ||
-            die "apt-get install ${need[*]} failed: see /tmp/stamp-slurm-apt.log"
+    apt-get install -y -q --no-install-recommends "${need[@]}" >"$STATE/apt.log" 2>&1 || {
+        apt-get update -q >>"$STATE/apt.log" 2>&1
+        apt-get install -y -q --no-install-recommends "${need[@]}" >>"$STATE/apt.log" 2>&1 ||
+            die "apt-get install ${need[*]} failed: see $STATE/apt.log"
     }
 fi
 t_install=$(($(date +%s) - t0))
 
 for d in slurmctld slurmd; do
-    if ! alive "$STATE/$d.pid" && other="$(pgrep -x "$d" | head -1)" && [[ -n $other ]]; then
+    if ! alive "$STATE/$d.pid" "$d" && other="$(pgrep -x "$d" | head -1)" && [[ -n $other ]]; then
         die "$d pid $other is running but was not started with state dir $STATE: stop it (slurm-down.sh with its STAMP_SLURM_STATE) first"
     fi
 done
-mkdir -p "$STATE"/{log,ctld,spool}
-chmod 755 "$STATE" "$STATE/log"
-chown slurm:slurm "$STATE/ctld" "$STATE/log"
 getent group slurm >/dev/null || die "user 'slurm' missing (the slurmctld package creates it)"
+mkdir -p "$STATE"/{log,ctld,spool}
+chmod 755 "$STATE/log"
+chown slurm:slurm "$STATE/ctld" "$STATE/log"
 
 # --- 2. slurm.conf for this host -----------------------------------------------------------------
 read -r -a hw < <(/usr/sbin/slurmd -C | head -1)
@@ -76,7 +86,7 @@ if ((gpus > 0)); then
     fi
 fi
 new_conf="$STATE/slurm.conf"
-cat >"$new_conf.tmp" <<EOF
+write_file "$new_conf" 644 <<EOF
 $MARKER (state: $STATE)
 ClusterName=stamp
 SlurmctldHost=$HOST
@@ -105,8 +115,7 @@ NodeName=$HOST CPUs=${H[CPUs]} Boards=${H[Boards]} SocketsPerBoard=${H[SocketsPe
 PartitionName=cpu Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 PartitionName=gpu Nodes=$HOST Default=NO MaxTime=INFINITE State=UP
 EOF
-mv "$new_conf.tmp" "$new_conf"
-printf '%s\n%s\n' "$MARKER" "${gres_line:-# no GPUs}" >"$new_conf.gres"
+printf '%s\n%s\n' "$MARKER" "${gres_line:-# no GPUs}" | write_file "$new_conf.gres" 644
 if [[ -f $CONF ]] && ! grep -qF "$MARKER" "$CONF" && [[ ${STAMP_SLURM_FORCE:-0} != 1 ]]; then
     die "$CONF exists and was not written by this script (set STAMP_SLURM_FORCE=1 to replace it)"
 fi
@@ -115,9 +124,9 @@ if [[ -s $GRES_CONF ]] && ! grep -qF "$MARKER" "$GRES_CONF" && [[ ${STAMP_SLURM_
     die "$GRES_CONF exists and was not written by this script (set STAMP_SLURM_FORCE=1 to replace it)"
 fi
 if ! cmp -s "$new_conf" "$CONF" 2>/dev/null || ! cmp -s "$new_conf.gres" "$GRES_CONF" 2>/dev/null; then
-    if alive "$STATE/slurmctld.pid" || alive "$STATE/slurmd.pid"; then
+    if alive "$STATE/slurmctld.pid" slurmctld || alive "$STATE/slurmd.pid" slurmd; then
         log "slurm.conf changed: restarting the daemons"
-        "$(dirname "$0")/slurm-down.sh" --keep-munge
+        "$HERE/slurm-down.sh" --keep-munge
     fi
     mkdir -p /etc/slurm
     install -m 644 "$new_conf" "$CONF"
@@ -131,25 +140,25 @@ if [[ ! -s /etc/munge/munge.key ]]; then
     chown munge:munge /etc/munge/munge.key && chmod 600 /etc/munge/munge.key
 fi
 mkdir -p /run/munge && chown munge:munge /run/munge && chmod 755 /run/munge
-if alive "$STATE/munged.pid"; then
+if alive "$STATE/munged.pid" munged; then
     :
-elif alive /run/munge/munged.pid; then
-    log "munged already running (pid $(cat /run/munge/munged.pid)), not started by us: left alone"
+elif alive /run/munge/munged.pid munged; then
+    log "munged already running (pid $(pid_from /run/munge/munged.pid)), not started by us: left alone"
 else
     runuser -u munge -- /usr/sbin/munged
-    for _ in $(seq 50); do alive /run/munge/munged.pid && break; sleep 0.1; done
-    alive /run/munge/munged.pid || die "munged did not start (see /var/log/munge/munged.log)"
-    cp /run/munge/munged.pid "$STATE/munged.pid"
+    for _ in $(seq 50); do alive /run/munge/munged.pid munged && break; sleep 0.1; done
+    alive /run/munge/munged.pid munged || die "munged did not start (see /var/log/munge/munged.log)"
+    pid_from /run/munge/munged.pid | write_file "$STATE/munged.pid" 644
 fi
 munge -n | unmunge >/dev/null || die "munge -n | unmunge failed: munged is not usable"
 
 # --- 4. slurmctld, slurmd ------------------------------------------------------------------------
 start_daemon() { # name
     local name=$1 pidf="$STATE/$1.pid"
-    alive "$pidf" && return 0
+    alive "$pidf" "$name" && return 0
     rm -f "$pidf"
     "/usr/sbin/$name" || die "$name failed to start: see $STATE/log/$name.log"
-    for _ in $(seq 100); do alive "$pidf" && return 0; sleep 0.1; done
+    for _ in $(seq 100); do alive "$pidf" "$name" && return 0; sleep 0.1; done
     die "$name did not write $pidf: see $STATE/log/$name.log"
 }
 start_daemon slurmctld
@@ -168,6 +177,6 @@ for i in $(seq 120); do
 done
 [[ $state =~ ^(idle|mixed|allocated) ]] || die "node $HOST is '$state' after 60 s: see $STATE/log/"
 t_total=$(($(date +%s) - t0))
-printf 'install_s=%s\nup_s=%s\n' "$t_install" "$t_total" >"$STATE/timings"
+printf 'install_s=%s\nup_s=%s\n' "$t_install" "$t_total" | write_file "$STATE/timings" 644
 log "up: node $HOST $state (${H[CPUs]} CPUs, $mem MB, $gpus GPU(s)), partitions cpu (default) and gpu; install ${t_install}s, total ${t_total}s"
 echo "$STATE"
