@@ -18,6 +18,7 @@ import pandas as pd
 
 from stamp.cohort import CohortData, load_cohort
 from stamp.config_models import AdvancedConfig, DeploymentConfig, TrainingConfig
+from stamp.escaping import csv_unguard_frame
 from stamp.fileio import staging_dir
 from stamp.modeling.checkpoint import CHECKPOINT_NAME, modeling_code_version
 from stamp.modeling.metrics import auroc, concordance_index, mae, pearson_r
@@ -116,7 +117,7 @@ def _num(series: pd.Series) -> np.ndarray:
 
 def preds_metrics(preds_csv: Path, cohort: CohortData) -> dict[str, float]:
     """Summary metrics of one ``patient-preds.csv``: AUROC per target, or Pearson r + MAE, or C-index."""
-    df = pd.read_csv(preds_csv, dtype=str, keep_default_na=False, na_values=[""])
+    df = csv_unguard_frame(pd.read_csv(preds_csv, dtype=str, keep_default_na=False, na_values=[""]))
     out: dict[str, float] = {"patients": float(len(df))}
     if cohort.task == "classification":
         for target in cohort.targets:
