@@ -36,6 +36,7 @@ from stamp.preprocess import (
 from stamp.provenance import Provenance
 from stamp.slidelock import SlideLocked
 from stamp.slides import TilingParams, find_slides
+from stamp_flows.phi import artifact_rows, artifact_text, run_label
 from stamp_flows.runners import thread_pool
 from stamp_tasks.preprocess import PREPROCESS_CODE_VERSION, get_encoder, preprocess_slide
 
@@ -223,12 +224,13 @@ def preprocess_flow(config: dict[str, Any], shard: int = 0, shards: int = 1) -> 
         _row(slide, wsi_dir, "failed", None, collisions[slide]) for slide in slides if slide in collisions
     ]
     jobs = []
+    number = {slide: i for i, slide in enumerate(sorted(slides), 1)}
     for slide in (s for s in slides if s not in collisions):
         h5 = h5_paths[slide]
 
         def submit(refresh: bool = False, slide: Path = slide, h5: Path = h5) -> PrefectFuture[Any]:
             task = preprocess_slide.with_options(
-                task_run_name=f"preprocess-{slide.name}", refresh_cache=refresh
+                task_run_name=run_label("preprocess", slide.name, number[slide]), refresh_cache=refresh
             )
             return task.submit(str(slide), str(h5), params.cache_params(), encoder.weights_sha256, run)
 
@@ -250,8 +252,14 @@ def preprocess_flow(config: dict[str, Any], shard: int = 0, shards: int = 1) -> 
     feat_dir.mkdir(parents=True, exist_ok=True)
     summary = _summary_md(rows, counts, feat_dir)
     atomic_write_text(feat_dir / "summary.md", summary)
-    create_table_artifact(key="preprocess-slides", table=rows, description=f"features in {feat_dir}")
-    create_markdown_artifact(key="preprocess-summary", markdown=summary)
+    create_table_artifact(
+        key="preprocess-slides",
+        table=artifact_rows(rows, "slide", ("reason",)),
+        description=f"features in {feat_dir}",
+    )
+    totals = ", ".join(f"{n} {status}" for status, n in counts.items())
+    redacted = f"# preprocess summary\n\n{totals}\n\nPer-slide details: summary.md in the feature folder."
+    create_markdown_artifact(key="preprocess-summary", markdown=artifact_text(summary, redacted))
     return {
         "feature_dir": str(feat_dir),
         "rows": rows,

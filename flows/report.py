@@ -28,6 +28,7 @@ from stamp.escaping import markdown_cell, markdown_code
 from stamp.fileio import sweep_temps
 from stamp.logs import logger
 from stamp_flows import logfilters
+from stamp_flows.phi import artifact_rows, redacting, run_label
 from stamp_flows.runners import thread_pool
 from stamp_tasks.cache import served_or_recomputed
 from stamp_tasks.report import heatmap_slide, statistics_task
@@ -108,8 +109,11 @@ def heatmaps_flow(section: dict[str, Any]) -> dict[str, Any]:
     params.update(default_slide_mpp=sec.default_slide_mpp, ig_steps=sec.ig_steps)
     run = {"device": resolve_device(sec.device)}
 
+    number = {job.name: i for i, job in enumerate(plan.jobs, 1)}
+
     def submit(job: Any, refresh: bool = False) -> PrefectFuture[Any]:
-        task = heatmap_slide.with_options(task_run_name=f"heatmap-{job.name}", refresh_cache=refresh)
+        label = run_label("heatmap", job.name, number[job.name])
+        task = heatmap_slide.with_options(task_run_name=label, refresh_cache=refresh)
         return task.submit(
             str(job.slide_path),
             str(job.feature_path),
@@ -138,12 +142,19 @@ def heatmaps_flow(section: dict[str, Any]) -> dict[str, Any]:
         results.append(value)
         rows.append(_slide_row(job, "done", value))
     rows += [{"slide": str(s.slide_path), "status": "skipped", "reason": s.reason} for s in plan.skipped]
-    create_table_artifact(key="heatmaps-slides", table=rows, description=f"heatmaps in {sec.output_dir}")
-    gallery = "\n\n".join(
-        f"**{markdown_cell(r['slide'])}**\n\n{inline_png(r['overview'], 480)}"
-        for r in rows[:6]
-        if r.get("overview")
+    create_table_artifact(
+        key="heatmaps-slides",
+        table=artifact_rows(rows, "slide", ("reason", "overview")),
+        description=f"heatmaps in {sec.output_dir}",
     )
+    if redacting():  # tissue images and slide names stay in the output folder
+        gallery = f"{sum(r['status'] == 'done' for r in rows)} slide(s) rendered; the images are in the output folder."
+    else:
+        gallery = "\n\n".join(
+            f"**{markdown_cell(r['slide'])}**\n\n{inline_png(r['overview'], 480)}"
+            for r in rows[:6]
+            if r.get("overview")
+        )
     create_markdown_artifact(key="heatmaps-gallery", markdown=f"# heatmaps\n\n{gallery}\n")
     failed = sum(r["status"] == "failed" for r in rows)
     return {
