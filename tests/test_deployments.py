@@ -81,7 +81,7 @@ FIXED = {
         "registry_credentials",
         "mem_limit",
     },
-    "stamp-slurm": {"command", "env", "working_dir", "source_files", "sbatch_args", "gres"},
+    "stamp-slurm": {"command", "env", "working_dir", "source_files", "sbatch_args", "gres", "output_dir"},
 }
 
 
@@ -199,6 +199,7 @@ HOSTILE = [  # (deployment, job variables a run asks for)
     ("cohort/process", {"env": {"PYTHONPATH": "/tmp/attacker"}}),
     ("train/slurm", {"sbatch_args": ["--wrap=touch /tmp/pwned"]}),
     ("train/slurm", {"source_files": ["/tmp/attacker.sh"]}),
+    ("train/slurm", {"output_dir": "/home/someone/.ssh"}),
     ("train/slurm", {"memory": 100000}),
 ]
 
