@@ -53,29 +53,40 @@ _FILE_MODE = 0o666 & ~_UMASK
 _DIR_MODE = 0o777 & ~_UMASK
 
 
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "?"
+
+
+#: This kernel's boot: processes that share it see the same flock()s.
+BOOT_ID = _boot_id()
+
+
 def _process_space_tag() -> str:
     """Eight hex digits naming where our PIDs mean something: host name, boot and PID namespace.
 
     Two containers may share a host name (``--network host``, SLURM nodes with one image); their PIDs
     are only comparable when the boot and the PID namespace are the same too.
     """
-    parts = [socket.gethostname()]
+    parts = [socket.gethostname(), BOOT_ID]
     try:
-        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
         parts.append(os.readlink("/proc/self/ns/pid"))
     except OSError:
         parts.append("?")
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:8]
 
 
-_HOST = _process_space_tag()
+#: Where this process's PID can be judged by others: same value = same host, boot and PID namespace.
+PROCESS_SPACE = _process_space_tag()
 _TEMP_RE = re.compile(rf"^\..*\.(?:{TEMP_TAG}|{OLD_TAG})-(?P<host>[0-9a-f]{{8}})-(?P<pid>\d+)-[^/]*$")
 _MAX_NAME = 120  # room for the tag, host, pid and mkstemp's random part within NAME_MAX (255)
 
 
 def temp_prefix(name: str, tag: str = TEMP_TAG) -> str:
     """Prefix of a hidden temp name for ``name``: ``.<name>.<tag>-<host>-<pid>-`` (random part follows)."""
-    return f".{name[:_MAX_NAME]}.{tag}-{_HOST}-{os.getpid()}-"
+    return f".{name[:_MAX_NAME]}.{tag}-{PROCESS_SPACE}-{os.getpid()}-"
 
 
 def fsync_path(path: str | os.PathLike[str]) -> None:
@@ -202,7 +213,7 @@ def publish_dir(staging: Path, final: Path) -> None:
 
 
 def _writer_gone(host: str, pid: int) -> bool:
-    return host == _HOST and pid != os.getpid() and not pid_alive(pid)
+    return host == PROCESS_SPACE and pid != os.getpid() and not pid_alive(pid)
 
 
 def sweep_temps(

@@ -32,7 +32,7 @@ from prefect.context import TaskRunContext
 from prefect.futures import PrefectFuture
 from prefect.locking.filesystem import FileSystemLockManager
 
-from stamp.fileio import atomic_write_text, pid_alive
+from stamp.fileio import PROCESS_SPACE, atomic_write_text, pid_alive
 from stamp.hashing import DigestIndex, default_index_dir, stage_cache_key
 from stamp.logs import logger
 from stamp.provenance import Check
@@ -88,8 +88,9 @@ class ProcessAwareLockManager(FileSystemLockManager):
 
     Prefect's transactions take locks without a hold timeout, so a process killed with
     ``kill -9`` mid-task would leave a lock that blocks every later run of that key for
-    ever. We record host and PID in each lock file; a lock whose owner is on this host and
-    no longer running counts as free (and is removed).
+    ever. We record host, PID and process space (host, boot and PID namespace) in each lock
+    file; a lock whose owner is in our process space and no longer running counts as free (and is
+    removed). A lock of another container sharing our host name is never judged by our PIDs.
     """
 
     def _stamp_owner(self, key: str) -> None:
@@ -98,7 +99,7 @@ class ProcessAwareLockManager(FileSystemLockManager):
             data = json.loads(path.read_bytes() or b"{}")
         except (OSError, ValueError):
             return
-        data.update(pid=os.getpid(), host=socket.gethostname())
+        data.update(pid=os.getpid(), host=socket.gethostname(), space=PROCESS_SPACE)
         atomic_write_text(path, json.dumps(data))
 
     def acquire_lock(
@@ -123,10 +124,10 @@ class ProcessAwareLockManager(FileSystemLockManager):
         path = Path(self._lock_path_for_key(key))
         try:
             data = json.loads(path.read_bytes())
-            pid, host = int(data["pid"]), str(data["host"])
+            pid, space = int(data["pid"]), str(data["space"])
         except (OSError, ValueError, KeyError, TypeError):
             return False
-        if host != socket.gethostname() or pid == os.getpid():
+        if space != PROCESS_SPACE or pid == os.getpid():
             return False
         return not pid_alive(pid)
 

@@ -348,7 +348,7 @@ def test_atomic_path_uses_a_tagged_temp_and_leaves_none_on_error(tmp_path: Path)
         seen.append(tmp.name)
         tmp.write_text("half")
         raise RuntimeError("writer died")
-    assert seen[0].startswith(f".out.txt.stamp-tmp-{fileio._HOST}-{os.getpid()}-")
+    assert seen[0].startswith(f".out.txt.stamp-tmp-{fileio.PROCESS_SPACE}-{os.getpid()}-")
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
 
 
@@ -431,7 +431,7 @@ def test_sweep_temps_keeps_a_young_temp_of_a_writer_in_another_pid_namespace(tmp
     try:
         assert proc.stdout is not None
         temp = Path(proc.stdout.readline().strip())
-        assert temp.exists() and f"-{fileio._HOST}-" not in temp.name  # another namespace, another tag
+        assert temp.exists() and f"-{fileio.PROCESS_SPACE}-" not in temp.name  # another namespace, another tag
         assert sweep_temps(tmp_path, lifetime_s=3600) == []
         assert temp.read_text() == "partial"
     finally:
@@ -441,7 +441,7 @@ def test_sweep_temps_keeps_a_young_temp_of_a_writer_in_another_pid_namespace(tmp
 
 def test_sweep_temps_removes_only_temps_whose_writer_is_gone_or_that_are_old(tmp_path: Path) -> None:
     """L3: what a killed run left is swept at stage start; live writers' temps and other files stay."""
-    host = fileio._HOST
+    host = fileio.PROCESS_SPACE
     dead = _dead_pid()
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
