@@ -18,7 +18,7 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
-# shellcheck source=../deployments/lib/state-dir.sh
+# shellcheck source=SCRIPTDIR/../deployments/lib/state-dir.sh
 . "$REPO/deployments/lib/state-dir.sh"
 if ((EUID == 0)); then
     STATE=${STAMP_PODMAN_STATE:-/var/lib/stamp-podman}

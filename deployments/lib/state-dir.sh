@@ -77,8 +77,9 @@ ensure_state_dir() {
     local dir=$1 mode=$2 var=$3 why
     why=$(state_dir_problem "$dir")
     if [[ -z $why && ! -e $dir && ! -L $dir ]]; then
-        mkdir -p -- "$(dirname -- "$dir")" && mkdir -m "$mode" -- "$dir" 2>/dev/null ||
+        if ! { mkdir -p -- "$(dirname -- "$dir")" && mkdir -m "$mode" -- "$dir" 2>/dev/null; }; then
             die "cannot create state dir $dir (as uid $EUID): create it (mode $mode) or set $var to another folder"
+        fi
         why=$(state_dir_problem "$dir") # again: someone may have raced us to the name
     fi
     [[ -z $why ]] ||

@@ -11,7 +11,7 @@
 set -uo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-# shellcheck source=../lib/state-dir.sh
+# shellcheck source=SCRIPTDIR/../lib/state-dir.sh
 . "$HERE/../lib/state-dir.sh"
 STATE="${STAMP_SLURM_STATE:-/var/lib/stamp-slurm}"
 keep_munge=0
@@ -55,10 +55,10 @@ stop() { # name
 
 # cancel what is still queued or running, so no slurmstepd outlives slurmd (only when our slurmctld is up)
 if [[ -n ${PIDS[slurmctld]:-} ]]; then
-    jobs="$(squeue -h -o %A 2>/dev/null)"
-    if [[ -n $jobs ]]; then
-        printf '[slurm-down] cancelling jobs %s\n' "$(echo $jobs)" >&2
-        scancel $jobs 2>/dev/null
+    mapfile -t jobs < <(squeue -h -o %A 2>/dev/null)
+    if ((${#jobs[@]})); then
+        printf '[slurm-down] cancelling jobs %s\n' "${jobs[*]}" >&2
+        scancel "${jobs[@]}" 2>/dev/null
         for _ in $(seq 30); do [[ -z "$(squeue -h -o %A 2>/dev/null)" ]] && break; sleep 0.5; done
     fi
 fi

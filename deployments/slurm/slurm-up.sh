@@ -19,7 +19,7 @@
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-# shellcheck source=../lib/state-dir.sh
+# shellcheck source=SCRIPTDIR/../lib/state-dir.sh
 . "$HERE/../lib/state-dir.sh"
 STATE="${STAMP_SLURM_STATE:-/var/lib/stamp-slurm}"
 CONF=/etc/slurm/slurm.conf
