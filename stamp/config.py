@@ -9,7 +9,10 @@ back to YAML. It imports neither torch nor prefect.
 from __future__ import annotations
 
 import difflib
+import os
 import re
+import reprlib
+import stat
 import types
 import typing
 from importlib import resources
@@ -30,8 +33,9 @@ __all__ = [
     "COMMAND_SECTIONS",
     "ConfigError",
     "dump_config",
+    "MAX_CONFIG_BYTES",
     "load_config",
-    "rebase_paths",
+    "parse_config",
     "require_section",
     "section_yaml",
     "template_text",
@@ -54,11 +58,25 @@ COMMAND_SECTIONS: dict[str, str] = {
 _KNOWN_MISSPELLINGS = {"slide_list": "wsi_list", "feature_dir": "feat_dir", "feat_dir": "feature_dir"}
 
 
-class ConfigError(ValueError):
-    """A config file that cannot be used; the message has one line per problem."""
+#: Config files larger than this are refused before they are read (a real one is a few KiB).
+MAX_CONFIG_BYTES = 1 << 20
+#: YAML aliases may expand to at most this many nodes in total (an alias bomb reaches billions).
+MAX_ALIAS_NODES = 10_000
+_MAX_PROBLEMS = 20
 
-    def __init__(self, problems: list[str] | str) -> None:
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message has one line per problem.
+
+    ``summary`` says the same without any value from the file (only keys and the kind of problem), for
+    records that untrusted input must not write into (``stamp watch``).
+    """
+
+    def __init__(self, problems: list[str] | str, summary: list[str] | str | None = None) -> None:
         self.problems = [problems] if isinstance(problems, str) else list(problems)
+        if summary is None:
+            summary = "invalid config"
+        self.summary = [summary] if isinstance(summary, str) else list(summary)
         super().__init__("\n".join(self.problems))
 
 
@@ -79,32 +97,113 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
+    def compose_document(self) -> yaml.Node | None:
+        self._sizes: dict[int, int] = {}
+        self._expanded = 0
+        return super().compose_document()  # type: ignore[no-untyped-call,no-any-return]
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        """Count what every alias expands to; refuse past :data:`MAX_ALIAS_NODES` (alias bombs)."""
+        is_alias = self.check_event(yaml.AliasEvent)  # type: ignore[no-untyped-call]
+        mark = self.peek_event().start_mark if is_alias else None  # type: ignore[no-untyped-call]
+        node = super().compose_node(parent, index)  # type: ignore[no-untyped-call]
+        if is_alias and node is not None:
+            self._expanded += self._size(node)
+            if self._expanded > MAX_ALIAS_NODES:
+                raise _RefusedYAML(f"YAML aliases expand to more than {MAX_ALIAS_NODES} values", mark)
+        return node  # type: ignore[no-any-return]
+
+    def _size(self, node: yaml.Node) -> int:
+        known = self._sizes.get(id(node))
+        if known is not None:
+            return known
+        if isinstance(node, yaml.SequenceNode):
+            size = 1 + sum(self._size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            size = 1 + sum(self._size(k) + self._size(v) for k, v in node.value)
+        else:
+            size = 1
+        self._sizes[id(node)] = size
+        return size
+
+
+class _RefusedYAML(yaml.composer.ComposerError):
+    """A YAML construct we refuse; its problem text holds nothing from the file."""
+
+    def __init__(self, problem: str, mark: Any) -> None:
+        super().__init__(None, None, problem, mark)
+
+
+def _read_capped(path: Path) -> bytes:
+    """The file's bytes, refusing anything that is not a regular file of at most MAX_CONFIG_BYTES."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file {path} not found; run `stamp init` to create one", "config file not found"
+        ) from None
+    except OSError as err:
+        raise ConfigError(
+            f"{path}: cannot read the config file ({err.strerror or err})", "config file cannot be read"
+        ) from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{path}: not a regular file; give a config.yaml file", "config is not a file")
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{path}: config file is larger than 1 MiB; is it the right file?",
+            "config.yaml is larger than 1 MiB",
+        )
+    return data
+
 
 def load_config(path: Path | str) -> StampConfig:
     """Read and validate a config file.
 
-    Raises :class:`ConfigError` when the file is missing, is not valid YAML, or does not match
-    the schema; the message then has one line per problem, each naming the file and the key.
+    Raises :class:`ConfigError` when the file is missing, larger than :data:`MAX_CONFIG_BYTES`, not
+    UTF-8, not valid YAML, or does not match the schema; the message then has one line per problem,
+    each naming the file and the key.
     """
     path = Path(path)
+    return parse_config(_read_capped(path), path)
+
+
+def parse_config(data: bytes, path: Path | str) -> StampConfig:
+    """Validate the bytes of a config file; ``path`` is only named in messages (see :func:`load_config`)."""
+    path = Path(path)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: config file is larger than 1 MiB", "config.yaml is larger than 1 MiB")
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} not found; run `stamp init` to create one") from None
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read the config file ({err.strerror or err})") from None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {err.start}); save the config as UTF-8",
+            "config.yaml is not UTF-8 text",
+        ) from None
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: no arbitrary objects
+        parsed = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: no arbitrary objects
+        if parsed is None:
+            parsed = {}
+        if not isinstance(parsed, dict):
+            raise ConfigError(
+                f"{path}: expected a mapping of sections at the top level, got {_show(parsed)}",
+                "config.yaml is not a mapping of sections",
+            )
+        try:
+            return StampConfig.model_validate(parsed)
+        except ValidationError as err:
+            errors = err.errors(include_url=False)
+            root = yaml.compose(text, Loader=_UniqueKeyLoader)
+            raise ConfigError(_problems(path, errors, root), _summary(errors)) from None
     except yaml.YAMLError as err:
-        raise ConfigError(_yaml_problem(path, err)) from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {_show(data)}")
-    try:
-        return StampConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(_problems(path, err, yaml.compose(text, Loader=_UniqueKeyLoader))) from None
+        raise ConfigError(_yaml_problem(path, err), _yaml_summary(err)) from None
+    except RecursionError:
+        raise ConfigError(
+            f"{path}: the YAML is nested too deeply; a config is a few levels of sections and keys",
+            "config.yaml is nested too deeply",
+        ) from None
 
 
 def _yaml_problem(path: Path, err: yaml.YAMLError) -> str:
@@ -113,20 +212,57 @@ def _yaml_problem(path: Path, err: yaml.YAMLError) -> str:
     problem = getattr(err, "problem", None) or str(err).splitlines()[0]
     context = getattr(err, "context", None)
     detail = f"{problem} ({context})" if context else problem
-    return f"{path}:{where} invalid YAML: {detail}"
+    return f"{path}:{where} invalid YAML: {_clip(detail)}"
+
+
+def _yaml_summary(err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None)
+    if isinstance(err, _RefusedYAML):
+        return f"config.yaml: {err.problem}" + (f" (line {mark.line + 1})" if mark is not None else "")
+    return "config.yaml: invalid YAML" + (f" at line {mark.line + 1}" if mark is not None else "")
+
+
+_SUMMARY_KINDS = {
+    "extra_forbidden": "unknown key",
+    "missing": "missing required key",
+    "literal_error": "not one of the allowed values",
+    **{
+        kind: "out of range"
+        for kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+    },
+}
+
+
+def _summary(errors: list[ErrorDetails]) -> list[str]:
+    """Key and kind of each problem, with no value from the file (keys clipped to 40 characters)."""
+    lines: list[str] = []
+    for error in errors:
+        loc = tuple(error["loc"])
+        kind = _SUMMARY_KINDS.get(error["type"], error["type"])
+        if error["type"] == "extra_forbidden":
+            parent = _walk(loc[:-1])[0]
+            line = f"{parent}: unknown key {_clip(repr(str(loc[-1])), 40)}"
+        else:
+            line = f"{_walk(loc)[0]}: {kind}"
+        if line not in lines:
+            lines.append(line)
+    return lines[:5] + ([f"({len(lines) - 5} more)"] if len(lines) > 5 else [])
 
 
 # --------------------------------------------------------------------------- error messages
 
 
-def _problems(path: Path, err: ValidationError, root: yaml.Node | None) -> list[str]:
+def _problems(path: Path, errors: list[ErrorDetails], root: yaml.Node | None) -> list[str]:
     """One line per distinct problem, in file order, each ending with its YAML line number."""
     found: dict[str, float] = {}
-    for error in err.errors(include_url=False):
+    for error in errors[:_MAX_PROBLEMS]:
         line = _line_of(root, tuple(error["loc"]))
         text = f"{path}: {_describe(error)}" + (f" [line {line}]" if line else "")
         found.setdefault(text, line or float("inf"))
-    return sorted(found, key=found.__getitem__)
+    problems = sorted(found, key=found.__getitem__)
+    if len(errors) > _MAX_PROBLEMS:
+        problems.append(f"{path}: ... and {len(errors) - _MAX_PROBLEMS} more problem(s)")
+    return problems
 
 
 def _line_of(root: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
@@ -163,13 +299,13 @@ def _describe(error: ErrorDetails) -> str:
     if kind in _RANGE_ERRORS and info is not None:
         return f"{dotted}: must be {_range_text(info)}, got {_show(value)}"
     if kind == "value_error":
-        return f"{dotted}: {error['msg'].removeprefix('Value error, ')}"
+        return f"{dotted}: {_clip(error['msg'].removeprefix('Value error, '))}"
     expected = _EXPECTED.get(kind) or _EXPECTED.get(kind.rsplit("_", 1)[0])
     if kind in ("model_type", "dict_type"):
         expected = "a mapping of keys (an indented YAML block)"
     if expected:
         return f"{dotted}: expected {expected}, got {_show(value)}"
-    return f"{dotted}: {error['msg']} (got {_show(value)})"
+    return f"{dotted}: {_clip(error['msg'])} (got {_show(value)})"
 
 
 _EXPECTED = {
@@ -288,9 +424,20 @@ def _quoted(values: list[str]) -> str:
     return ", ".join(f"'{v}'" for v in values)
 
 
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlist = _REPR.maxdict = _REPR.maxtuple = _REPR.maxset = 5
+_REPR.maxlevel = 3
+
+
 def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    """A short repr of a value from the file: bounded before formatting, so huge values cost nothing."""
+    return _clip(_REPR.repr(value), 60)
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    text = " ".join(text[: limit * 2].split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --------------------------------------------------------------------------- dumping
@@ -363,23 +510,3 @@ def write_template(path: Path | str) -> None:
         raise FileExistsError(
             f"{path} already exists; not overwriting it (remove it or pass another path with -c)"
         ) from None
-
-
-def _rebased(value: Any, base: Path) -> Any:
-    if isinstance(value, Path):
-        return value if value.is_absolute() else base / value
-    if isinstance(value, list):
-        return [_rebased(v, base) for v in value]
-    if isinstance(value, BaseModel):
-        updates = {name: _rebased(getattr(value, name), base) for name in type(value).model_fields}
-        return value.model_copy(update=updates)
-    return value
-
-
-def rebase_paths(cfg: StampConfig, base: Path | str) -> StampConfig:
-    """A copy of ``cfg`` whose relative paths are taken relative to ``base`` instead of the working folder.
-
-    STAMP resolves a config's relative paths against the folder a command runs in; a cohort folder
-    that travels with its own config.yaml (``stamp watch``) wants them relative to that folder.
-    """
-    return _rebased(cfg, Path(base).resolve())

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -108,9 +109,20 @@ _DEVICE_RE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 _DEPLOYMENT_RE = re.compile(r"^[^/\s]+/[^/\s]+$")
 
 
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlist = _REPR.maxdict = _REPR.maxtuple = _REPR.maxset = 3
+_REPR.maxlevel = 2
+
+
+def _short(value: Any) -> str:
+    """A bounded repr for messages: never formats a huge value (alias bombs, long strings) whole."""
+    return _REPR.repr(value)
+
+
 def _check_device(value: str) -> str:
     if not _DEVICE_RE.match(value):
-        raise ValueError(f"expected 'cpu', 'cuda', 'cuda:N' or 'mps', got {value!r}")
+        raise ValueError(f"expected 'cpu', 'cuda', 'cuda:N' or 'mps', got {_short(value)}")
     return value
 
 
@@ -120,18 +132,20 @@ def _check_labels(value: Any) -> Any:
         return value
     if isinstance(value, list) and value and all(isinstance(item, str) for item in value):
         return value
-    raise ValueError(f"expected a column name or a non-empty list of column names, got {value!r}")
+    raise ValueError(f"expected a column name or a non-empty list of column names, got {_short(value)}")
 
 
 def _check_deployment(value: str) -> str:
     if not _DEPLOYMENT_RE.match(value):
-        raise ValueError(f"expected a deployment name of the form 'flow-name/deployment-name', got {value!r}")
+        raise ValueError(
+            f"expected a deployment name of the form 'flow-name/deployment-name', got {_short(value)}"
+        )
     return value
 
 
 def _check_api_url(value: str) -> str:
     if not value.startswith(("http://", "https://")):
-        raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+        raise ValueError(f"expected an http:// or https:// URL, got {_short(value)}")
     return value
 
 
@@ -168,6 +182,14 @@ def resolve_accelerator(accelerator: str | None) -> str:
     return "gpu" if _cuda_available() else "cpu"
 
 
+# Upper bounds of counts: far above any real STAMP config, low enough that one file cannot ask for
+# 100,000 runs, threads or GPU-hours (security review M4).
+_MAX_DIM = 65536
+_MAX_HEADS = 256
+_MAX_LAYERS = 128
+_MAX_WORKERS = 256
+
+
 class _Section(BaseModel):
     """Base of every config model: unknown keys are errors."""
 
@@ -187,8 +209,8 @@ class PreprocessingConfig(_Section):
     cache_dir: Path | None = None
     cache_tiles_ext: Literal["jpg", "png"] = "jpg"
     tile_size_um: float = Field(default=256.0, gt=0)
-    tile_size_px: int = Field(default=224, gt=0)
-    max_workers: int = Field(default=8, ge=1)
+    tile_size_px: int = Field(default=224, gt=0, le=16384)
+    max_workers: int = Field(default=8, ge=1, le=256)
     device: Device | None = None
     generate_hash: bool = True
     default_slide_mpp: float | None = Field(default=None, gt=0)
@@ -200,7 +222,7 @@ class PreprocessingConfig(_Section):
     min_tissue_fraction: float = Field(default=0.1, ge=0, le=1)
     stain_norm: Literal["macenko", "reinhard"] | None = None
     weights_dir: Path | None = None
-    batch_size: int = Field(default=64, ge=1)
+    batch_size: int = Field(default=64, ge=1, le=4096)
 
 
 # --------------------------------------------------------------------------- modeling
@@ -228,7 +250,7 @@ class TrainingConfig(_Section):
 class CrossvalConfig(TrainingConfig):
     """``crossval``: the training keys plus the number of folds."""
 
-    n_splits: int = Field(default=5, ge=2)
+    n_splits: int = Field(default=5, ge=2, le=100)
 
 
 class DeploymentConfig(_Section):
@@ -245,17 +267,17 @@ class DeploymentConfig(_Section):
     status_label: str | None = None
     time_label: str | None = None
     drop_patients_with_missing_ground_truth: bool = True
-    num_workers: int = Field(default_factory=default_num_workers, ge=0)
+    num_workers: int = Field(default_factory=default_num_workers, ge=0, le=_MAX_WORKERS)
     accelerator: Accelerator | None = None
 
 
 class VitModelParams(_Section):
     """``model_params.vit``: the default tile-level transformer."""
 
-    dim_model: int = Field(default=512, ge=1)
-    dim_feedforward: int = Field(default=512, ge=1)
-    n_heads: int = Field(default=8, ge=1)
-    n_layers: int = Field(default=2, ge=1)
+    dim_model: int = Field(default=512, ge=1, le=_MAX_DIM)
+    dim_feedforward: int = Field(default=512, ge=1, le=_MAX_DIM)
+    n_heads: int = Field(default=8, ge=1, le=_MAX_HEADS)
+    n_layers: int = Field(default=2, ge=1, le=_MAX_LAYERS)
     dropout: float = Field(default=0.0, ge=0, lt=1)
     use_alibi: bool = False
 
@@ -263,33 +285,33 @@ class VitModelParams(_Section):
 class TransMILModelParams(_Section):
     """``model_params.trans_mil``."""
 
-    dim_hidden: int = Field(default=512, ge=1)
+    dim_hidden: int = Field(default=512, ge=1, le=_MAX_DIM)
 
 
 class AbmilModelParams(_Section):
     """``model_params.abmil`` (ours): gated-attention MIL (Ilse et al. 2018)."""
 
-    dim_hidden: int = Field(default=256, ge=1)
+    dim_hidden: int = Field(default=256, ge=1, le=_MAX_DIM)
     dropout: float = Field(default=0.25, ge=0, lt=1)
 
 
 class MlpModelParams(_Section):
     """``model_params.mlp``: the default slide/patient-level model."""
 
-    dim_hidden: int = Field(default=512, ge=1)
-    num_layers: int = Field(default=2, ge=1)
+    dim_hidden: int = Field(default=512, ge=1, le=_MAX_DIM)
+    num_layers: int = Field(default=2, ge=1, le=_MAX_LAYERS)
     dropout: float = Field(default=0.25, ge=0, lt=1)
 
 
 class BarspoonModelParams(_Section):
     """``model_params.barspoon``: multi-target encoder-decoder transformer."""
 
-    d_model: int = Field(default=512, ge=1)
-    num_encoder_heads: int = Field(default=8, ge=1)
-    num_decoder_heads: int = Field(default=8, ge=1)
-    num_encoder_layers: int = Field(default=2, ge=1)
-    num_decoder_layers: int = Field(default=2, ge=1)
-    dim_feedforward: int = Field(default=2048, ge=1)
+    d_model: int = Field(default=512, ge=1, le=_MAX_DIM)
+    num_encoder_heads: int = Field(default=8, ge=1, le=_MAX_HEADS)
+    num_decoder_heads: int = Field(default=8, ge=1, le=_MAX_HEADS)
+    num_encoder_layers: int = Field(default=2, ge=1, le=_MAX_LAYERS)
+    num_decoder_layers: int = Field(default=2, ge=1, le=_MAX_LAYERS)
+    dim_feedforward: int = Field(default=2048, ge=1, le=_MAX_DIM)
     positional_encoding: bool = True
     learning_rate: float = Field(default=1e-4, gt=0)
 
@@ -323,17 +345,17 @@ class AdvancedConfig(_Section):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    bag_size: int = Field(default=512, ge=1)
-    num_workers: int = Field(default_factory=default_num_workers, ge=0)
-    batch_size: int = Field(default=64, ge=1)
-    max_epochs: int = Field(default=32, ge=1)
-    patience: int = Field(default=16, ge=0)
+    bag_size: int = Field(default=512, ge=1, le=65536)
+    num_workers: int = Field(default_factory=default_num_workers, ge=0, le=_MAX_WORKERS)
+    batch_size: int = Field(default=64, ge=1, le=4096)
+    max_epochs: int = Field(default=32, ge=1, le=10000)
+    patience: int = Field(default=16, ge=0, le=10000)
     accelerator: Accelerator | None = None
     max_lr: float = Field(default=1e-4, gt=0)
     div_factor: float = Field(default=25.0, gt=0)
     model_name: ModelName | None = None
     model_params: ModelParams = Field(default_factory=ModelParams)
-    seed: int | None = Field(default=None, ge=0)
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
 
     @field_validator("model_params", mode="before")
     @classmethod
@@ -366,11 +388,11 @@ class HeatmapsConfig(_Section):
     slide_paths: list[Path] | None = None
     device: Device | None = None
     opacity: float = Field(default=0.6, ge=0, le=1)
-    topk: int = Field(default=0, ge=0)
-    bottomk: int = Field(default=0, ge=0)
+    topk: int = Field(default=0, ge=0, le=10000)
+    bottomk: int = Field(default=0, ge=0, le=10000)
     default_slide_mpp: float | None = Field(default=None, gt=0)
     # ours: points of the integrated-gradients path (1 = STAMP's plain gradient × input)
-    ig_steps: int = Field(default=8, ge=1)
+    ig_steps: int = Field(default=8, ge=1, le=1024)
 
 
 # --------------------------------------------------------------------------- slide / patient encoding
@@ -407,10 +429,10 @@ class OrchestrationConfig(_Section):
     prefect_api_url: ApiUrl | None = None
     prefect_home: Path | None = None
     result_dir: Path | None = None
-    task_concurrency: int = Field(default=2, ge=1)
+    task_concurrency: int = Field(default=2, ge=1, le=256)
     deployments: dict[StageName, DeploymentName] = Field(default_factory=dict)
-    preprocess_shards: int = Field(default=1, ge=1)
-    deployment_timeout_s: float | None = Field(default=None, gt=0)
+    preprocess_shards: int = Field(default=1, ge=1, le=1024)
+    deployment_timeout_s: float | None = Field(default=None, gt=0, le=30 * 24 * 3600)
 
 
 # --------------------------------------------------------------------------- whole file

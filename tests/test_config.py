@@ -436,8 +436,8 @@ def test_range_errors_name_the_allowed_range(tmp_path: Path) -> None:
         """
     message = error_of(tmp_path, text)
     assert "heatmaps.opacity: must be in the range 0 <= x <= 1, got 1.5" in message
-    assert "crossval.n_splits: must be >= 2, got 1" in message
-    assert "advanced_config.batch_size: must be >= 1, got 0" in message
+    assert "crossval.n_splits: must be in the range 2 <= x <= 100, got 1" in message
+    assert "advanced_config.batch_size: must be in the range 1 <= x <= 4096, got 0" in message
 
 
 def test_missing_required_key_is_named(tmp_path: Path) -> None:
@@ -514,7 +514,7 @@ def test_orchestration_section_is_validated(tmp_path: Path) -> None:
         tmp_path,
         "orchestration:\n  task_concurrency: 0\n  deployments:\n    trian: a/b\n    deploy: nodash\n",
     )
-    assert "orchestration.task_concurrency: must be >= 1, got 0" in message
+    assert "orchestration.task_concurrency: must be in the range 1 <= x <= 256, got 0" in message
     assert "orchestration.deployments: unknown key 'trian' (did you mean 'train'?)" in message
     assert "orchestration.deployments.deploy: expected a deployment name of the form" in message
 
