@@ -17,6 +17,8 @@ from typing import Any, Literal, NamedTuple
 
 import h5py
 
+from stamp.confinement import check_input
+
 logger = logging.getLogger("stamp")
 
 FeatureType = Literal["tile", "slide", "patient"]
@@ -48,7 +50,7 @@ def _scan(feature_dir: Path) -> dict[Path, _Probe]:
     if not feature_dir.is_dir():
         raise FileNotFoundError(f"{feature_dir}: feature_dir not found")
     files = sorted(p for p in feature_dir.rglob("*") if p.suffix.lower() == ".h5" and p.is_file())
-    return {p: _probe(p) for p in files}
+    return {p: _probe(check_input(p, f"{feature_dir}: feature file {p}")) for p in files}
 
 
 def _feature_type(scan: Mapping[Path, _Probe], feature_dir: Path) -> FeatureType:
@@ -75,13 +77,19 @@ def detect_feature_type(feature_dir: Path) -> FeatureType:
     return _feature_type(_scan(feature_dir), feature_dir)
 
 
-def _feature_path(feature_dir: Path, name: str) -> Path:
-    """FILENAME → h5 path; ``x`` and ``x.svs`` find ``x.h5`` too (STAMP requires the ``.h5``)."""
+def _feature_path(feature_dir: Path, name: str, label: str | None = None) -> Path:
+    """FILENAME → h5 path; ``x`` and ``x.svs`` find ``x.h5`` too (STAMP requires the ``.h5``).
+
+    In a watcher-started run the path must resolve inside the cohort's folders (``label`` names the entry).
+    """
+    label = label or f"{feature_dir}: FILENAME {name!r}"
     if name.lower().endswith(".h5"):
-        return Path(os.path.normpath(feature_dir / name))
+        return check_input(os.path.normpath(feature_dir / name), label)
     plain = Path(os.path.normpath(feature_dir / f"{name}.h5"))
     swapped = Path(os.path.normpath(feature_dir / name)).with_suffix(".h5")
-    return swapped if Path(name).suffix and not plain.exists() and swapped.exists() else plain
+    return check_input(
+        swapped if Path(name).suffix and not plain.exists() and swapped.exists() else plain, label
+    )
 
 
 def _feature_info(files: Iterable[Path], scan: Mapping[Path, _Probe]) -> dict[str, Any]:

@@ -9,7 +9,8 @@ same stem. Outputs go to ``<output_dir>/<relative path without suffix>/`` (STAMP
 ``<output_dir>/<stem>/``; the same for slides directly in ``wsi_dir``).
 
 Slides without features (or missing files) are reported in :attr:`HeatmapPlan.skipped`, never
-fatal; every job is independent of the others.
+fatal; every job is independent of the others. In a watcher-started run every slide and feature file
+must resolve inside the cohort's allowed folders (:func:`stamp.confinement.check_input`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stamp.config_models import HeatmapsConfig
+from stamp.confinement import check_input
 from stamp.slides.discovery import find_slides
 
 __all__ = ["HeatmapError", "HeatmapJob", "HeatmapPlan", "SkippedSlide", "plan_heatmaps"]
@@ -94,7 +96,7 @@ def _slides(sec: HeatmapsConfig) -> list[Path]:
         return find_slides(wsi_dir)
     seen: dict[Path, None] = {}
     for p in sec.slide_paths:
-        seen.setdefault(Path(os.path.normpath(wsi_dir / p)), None)
+        seen.setdefault(check_input(os.path.normpath(wsi_dir / p), f"heatmaps.slide_paths: {str(p)!r}"), None)
     return list(seen)
 
 
@@ -125,6 +127,7 @@ def plan_heatmaps(sec: HeatmapsConfig) -> HeatmapPlan:
                 SkippedSlide(slide, f"{slide}: no features at {h5}; run preprocess on it with this wsi_dir")
             )
             continue
+        check_input(h5, f"heatmaps.feature_dir: feature file {h5}")
         plan.jobs.append(
             HeatmapJob(slide, h5, out_dir / rel.parent / rel.stem, rel.with_suffix("").as_posix())
         )

@@ -19,6 +19,9 @@ column of the first sheet); no header row (as in STAMP); entries are paths relat
 logged here and becomes that slide's error (``file not found``) when it is opened, so one typo never
 stops the rest of the cohort (contract 6). A missing ``wsi_dir`` or list file raises
 ``FileNotFoundError``; an unsupported list format raises ``ValueError``.
+
+In a watcher-started run (:func:`stamp.confinement.enforced`) every listed entry and every slide found
+must resolve inside the cohort's allowed folders, else :class:`~stamp.config.ConfigError` names it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import csv
 import logging
 import os
 from pathlib import Path
+
+from stamp.confinement import check_input
 
 _logger = logging.getLogger("stamp")
 
@@ -96,7 +101,7 @@ def _search(wsi_dir: Path) -> list[Path]:
         found.extend(root_path / f for f in files if not f.lower().endswith(".dcm"))
         if dicom and _is_dicom_wsi(root_path / dicom[0]):
             found.append(root_path / dicom[0])
-    return found
+    return [check_input(path, f"slide {path}") for path in found]
 
 
 def _read_list(wsi_list: Path) -> list[str]:
@@ -134,7 +139,7 @@ def find_slides(wsi_dir: Path | str, wsi_list: Path | str | None = None) -> list
         seen: set[Path] = set()
         slides: list[Path] = []
         for entry in _read_list(wsi_list):
-            path = Path(os.path.normpath(wsi_dir / entry))
+            path = check_input(os.path.normpath(wsi_dir / entry), f"{wsi_list}: entry {entry!r}")
             if path in seen:
                 continue
             seen.add(path)
