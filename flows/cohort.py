@@ -9,18 +9,24 @@ A stage listed in ``orchestration.deployments`` runs as that Prefect deployment
 (``run_deployment``) instead of in-process — on the deployment's work pool (Docker, SLURM, …);
 preprocessing is split over ``orchestration.preprocess_shards`` such runs. Stages exchange only
 paths (the config's folders), never arrays.
+
+A cohort from ``stamp watch`` runs the watcher's snapshot of its config (exact bytes, checked against the
+sha256 in the event) confined to the cohort's folders (:mod:`stamp.confinement`): every path is checked
+before any stage runs, and table entries again while the stages read them.
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, cast
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from stamp.config import StampConfig, load_config, rebase_paths
+from stamp.config import StampConfig, load_config
+from stamp.confinement import check_tables, enforced, load_snapshot
 from stamp.logs import logger
 from stamp_flows import logfilters
 
@@ -181,19 +187,36 @@ def _report(
 
 @flow(name="cohort")
 def cohort_flow(
-    config_path: str, stages: list[str] | None = None, relative_to_config: bool = False
+    config_path: str | None = None,
+    stages: list[str] | None = None,
+    snapshot_path: str | None = None,
+    snapshot_sha256: str | None = None,
 ) -> dict[str, Any]:
     """Every configured stage of ``config_path`` in order, each as a subflow (or deployment run).
 
-    ``relative_to_config``: relative paths in the config are taken relative to its folder (a cohort
-    folder that carries its own config, as ``stamp watch`` starts them) instead of the working folder.
+    ``snapshot_path`` + ``snapshot_sha256`` (what the ``stamp watch`` trigger passes) run a watcher
+    snapshot of an INBOX cohort instead: refused when its sha256 differs, confined to the cohort's folders.
 
     Returns ``{"config": path, "stages": {stage: result}, "seconds": {stage: s}, "report": md}``.
     A failing stage stops the later stages (they need its outputs) and fails the flow run.
     """
-    cfg = load_config(Path(config_path))
-    if relative_to_config:
-        cfg = rebase_paths(cfg, Path(config_path).parent)
+    guard: AbstractContextManager[None] = nullcontext()
+    if snapshot_path is not None:
+        if not snapshot_sha256:
+            raise ValueError("cohort: snapshot_path needs snapshot_sha256 (the watcher's event carries both)")
+        cfg, conf, source = load_snapshot(snapshot_path, snapshot_sha256)
+        check_tables(cfg, conf)
+        conf.work_dir.mkdir(parents=True, exist_ok=True)
+        guard, label = enforced(conf), f"{source} (snapshot sha256 {snapshot_sha256[:12]})"
+    elif config_path is not None:
+        cfg, label = load_config(Path(config_path)), str(config_path)
+    else:
+        raise ValueError("cohort: give config_path (or snapshot_path and snapshot_sha256 from `stamp watch`)")
+    with guard:
+        return _run(cfg, label, stages)
+
+
+def _run(cfg: StampConfig, config_path: str, stages: list[str] | None) -> dict[str, Any]:
     plan = stage_plan(cfg, stages)
     logger.info("cohort %s: stages %s", config_path, ", ".join(plan) or "(none)")
     results: dict[str, Any] = {}

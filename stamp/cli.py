@@ -81,9 +81,36 @@ def build_parser() -> argparse.ArgumentParser:
     watch = sub.add_parser(
         "watch", help="Watch a folder for new cohorts (READY + config.yaml) and trigger the cohort deployment"
     )
-    watch.add_argument("inbox", type=Path, help="folder whose sub-folders are cohorts")
+    watch.add_argument("inbox", type=Path, help="folder whose sub-folders are cohorts (untrusted)")
     watch.add_argument("--interval", type=float, default=10.0, help="seconds between scans (default 10)")
     watch.add_argument("--once", action="store_true", help="scan once and exit")
+    watch.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="private records + config snapshots (default $STAMP_HOME/watch)",
+    )
+    watch.add_argument(
+        "--work-root",
+        type=Path,
+        default=None,
+        help="each cohort's outputs go under WORK_ROOT/<cohort> (default $STAMP_HOME/work)",
+    )
+    watch.add_argument(
+        "--data-root",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder cohorts may also read from (slides, weights); repeatable",
+    )
+    watch.add_argument(
+        "--allow-deployment",
+        action="append",
+        default=[],
+        metavar="FLOW/DEPLOYMENT",
+        help="a deployment a cohort's orchestration.deployments may name; repeatable (default: none)",
+    )
 
     deploy_flows = sub.add_parser(
         "deploy-flows", help="Create the work pools and register the deployments of deployments/prefect.yaml"

@@ -131,9 +131,15 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
     target = _configure_prefect(args)
     logger.info(target.describe())
-    from stamp_flows.watch import watch
+    from stamp_flows.watch import WatchSettings, watch
 
-    started = watch(args.inbox, interval=args.interval, max_scans=1 if args.once else None)
+    try:
+        settings = WatchSettings.create(
+            args.inbox, args.state_dir, args.work_root, args.data_root, args.allow_deployment
+        )
+    except ValueError as exc:
+        return _fail(str(exc))
+    started = watch(settings, interval=args.interval, max_scans=1 if args.once else None)
     print(f"watch: {len(started)} cohort(s) triggered" + (f": {', '.join(started)}" if started else ""))
     return 0
 

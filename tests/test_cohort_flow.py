@@ -55,30 +55,3 @@ def test_a_failing_stage_fails_the_run_with_one_line(tmp_path: Path) -> None:
     status, err = run_stamp("-c", str(cfg), "run")
     assert status == 1 and len(err) == 1
     assert "stage statistics failed" in err[0] and "missing.csv" in err[0]
-
-
-def test_relative_paths_can_be_taken_relative_to_the_config(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from stamp.config import load_config, rebase_paths
-    from stamp_flows.cohort import cohort_flow
-
-    cohort = tmp_path / "inbox" / "cohort-7"
-    write_fold_preds(cohort / "cv", folds=2)
-    stats = {
-        "output_dir": "stats",
-        "pred_csvs": ["cv/split-0/patient-preds.csv", str(cohort / "cv" / "split-1" / "patient-preds.csv")],
-        "ground_truth_label": "isMSIH",
-    }
-    (cohort / "config.yaml").write_text(yaml.safe_dump({"statistics": stats}))
-    cfg = rebase_paths(load_config(cohort / "config.yaml"), cohort)
-    assert cfg.statistics is not None and cfg.statistics.output_dir == cohort / "stats"
-    assert cfg.statistics.pred_csvs == [
-        cohort / "cv" / "split-0" / "patient-preds.csv",
-        Path(stats["pred_csvs"][1]),
-    ]
-
-    monkeypatch.chdir(tmp_path)  # anywhere but the cohort folder
-    cohort_flow(config_path=str(cohort / "config.yaml"), relative_to_config=True)
-    assert (cohort / "stats" / "isMSIH_categorical-stats_aggregated.csv").is_file()
-    assert not (tmp_path / "stats").exists()
