@@ -16,7 +16,13 @@ RUN apt-get update \
 
 ENV VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
-# torch first (its own layer). The CPU variant points WHEELS_DIR at a mounted local wheel dir.
+# Python packages come from the hashed locks of containers/locks/ (written by requirements/lock.sh) and
+# are installed with --require-hashes: a file whose sha256 is not in the lock is refused.
+COPY containers/locks /opt/stamp/containers/locks
+# torch first (its own layer), from containers/locks/torch-<version of TORCH_SPEC>.lock: PyPI's CUDA build
+# by default; the CPU variant (build.sh --cpu) sets TORCH_SPEC to the +cpu wheel of WHEELS_DIR (a mounted
+# local wheel dir). With TORCH_INDEX_URL set, torch, torchvision and their dependencies come from that
+# index alone (--index-url, never an extra index), pinned by version only: see containers/README.md.
 ARG TORCH_SPEC="torch==2.14.1 torchvision==0.29.1"
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG WHEELS_DIR=""
@@ -27,7 +33,25 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     if [ -n "$PIP_CERT_FILE" ]; then export PIP_CERT="$PIP_CERT_FILE"; fi \
     && if [ -n "$WHEELS_DIR" ]; then export PIP_FIND_LINKS="$WHEELS_DIR"; fi \
     && python3 -m venv /opt/venv \
-    && pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} $TORCH_SPEC
+    && if [ -n "$TORCH_INDEX_URL" ]; then \
+        pip install --index-url "$TORCH_INDEX_URL" $TORCH_SPEC; \
+    else \
+        version="${TORCH_SPEC%% *}" && version="${version#torch==}" \
+        && lock="/opt/stamp/containers/locks/torch-${version%%+*}.lock" \
+        && for req in $TORCH_SPEC; do \
+            grep -Eq "^${req}[+ ]" "$lock" \
+                || { echo "no hashed lock pins $req ($lock): run requirements/lock.sh" >&2; exit 1; }; \
+        done \
+        && pip install --require-hashes -r "$lock"; \
+    fi
+
+# the project's dependencies (+ STAMP_EXTRAS), from containers/locks/image[-EXTRAS].lock (extras joined
+# by "-"): the torch layer above already satisfies their torch requirements
+ARG STAMP_EXTRAS=""
+RUN --mount=type=cache,target=/root/.cache/pip \
+    if [ -n "$PIP_CERT_FILE" ]; then export PIP_CERT="$PIP_CERT_FILE"; fi \
+    && extras="$(echo "$STAMP_EXTRAS" | tr , -)" \
+    && pip install --require-hashes -r "/opt/stamp/containers/locks/image${extras:+-$extras}.lock"
 
 # the project, from the build context, at /opt/stamp: deployments (deployments/prefect.yaml) run
 # flows/<stage>.py from there; the packages are installed into the venv from the same files
@@ -36,14 +60,13 @@ COPY stamp /opt/stamp/stamp
 COPY tasks /opt/stamp/tasks
 COPY flows /opt/stamp/flows
 COPY containers/torchvision_shim.py /opt/stamp/containers/
-ARG STAMP_EXTRAS=""
-# a local project path, not a PyPI name (DL3013). The shim makes PyPI's torchvision import beside
-# the CPU torch (a no-op where its ops load); pip-freeze.txt records every installed version.
+# a local project path, not a PyPI name (DL3013), without dependencies (the locks brought them) and
+# built with the locked setuptools (no build isolation: nothing unhashed is fetched); `pip check`
+# fails the build when the locks and the project disagree. The shim makes PyPI's torchvision import
+# beside the CPU torch (a no-op where its ops load); pip-freeze.txt records every installed version.
 # hadolint ignore=DL3013
-RUN --mount=type=cache,target=/root/.cache/pip \
-    if [ -n "$PIP_CERT_FILE" ]; then export PIP_CERT="$PIP_CERT_FILE"; fi \
-    && if [ -n "$WHEELS_DIR" ]; then export PIP_FIND_LINKS="$WHEELS_DIR"; fi \
-    && pip install "/opt/stamp${STAMP_EXTRAS:+[$STAMP_EXTRAS]}" \
+RUN pip install --no-cache-dir --no-deps --no-build-isolation /opt/stamp \
+    && pip check \
     && rm -rf /opt/stamp/build /opt/stamp/*.egg-info \
     && site="$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
     && cp /opt/stamp/containers/torchvision_shim.py "$site/stamp_torchvision_shim.py" \
