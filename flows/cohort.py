@@ -27,8 +27,10 @@ from prefect.artifacts import create_markdown_artifact
 
 from stamp.config import StampConfig, load_config
 from stamp.confinement import check_tables, enforced, load_snapshot
+from stamp.escaping import markdown_cell, markdown_code
 from stamp.logs import logger
 from stamp_flows import logfilters
+from stamp_flows.phi import REDACT_TAG, redacting, redaction_scope
 
 logfilters.install()
 
@@ -126,7 +128,10 @@ def _as_deployments(
     from prefect.client.schemas.objects import FlowRun
     from prefect.deployments import run_deployment
 
-    started = [cast(FlowRun, run_deployment(name, parameters=p, timeout=0, as_subflow=True)) for p in runs]
+    tags = [REDACT_TAG] if redacting() else None  # a redacted cohort's stages stay redacted on their pools
+    started = [
+        cast(FlowRun, run_deployment(name, parameters=p, timeout=0, as_subflow=True, tags=tags)) for p in runs
+    ]
     logger.info("%s: started %d run(s) of deployment %s", stage, len(started), name)
     pending = {r.id for r in started}
     states: dict[Any, Any] = {}
@@ -176,12 +181,17 @@ def _report(
     outcomes: dict[str, str],
     results: dict[str, Any] | None = None,
 ) -> str:
-    lines = [f"# cohort run: `{config_path}`", "", "| stage | outcome | seconds |", "|---|---|---|"]
-    lines += [f"| {s} | {outcomes[s]} | {timings.get(s, 0.0):.1f} |" for s in outcomes]
+    lines = [
+        f"# cohort run: {markdown_code(config_path)}",
+        "",
+        "| stage | outcome | seconds |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {s} | {markdown_cell(outcomes[s])} | {timings.get(s, 0.0):.1f} |" for s in outcomes]
     used = ((results or {}).get("statistics") or {}).get("inputs") or []
     if used:
         lines += ["", "statistics used these prediction files:", "", "| file | sha256 |", "|---|---|"]
-        lines += [f"| `{i['file']}` | `{i['sha256']}` |" for i in used]
+        lines += [f"| {markdown_code(i['file'])} | `{i['sha256']}` |" for i in used]
     return "\n".join(lines) + "\n"
 
 
@@ -212,7 +222,8 @@ def cohort_flow(
         cfg, label = load_config(Path(config_path)), str(config_path)
     else:
         raise ValueError("cohort: give config_path (or snapshot_path and snapshot_sha256 from `stamp watch`)")
-    with guard:
+    # an INBOX cohort keeps slide names, patient ids and images out of Prefect (M12)
+    with guard, redaction_scope(snapshot_path is not None or redacting()):
         return _run(cfg, label, stages)
 
 

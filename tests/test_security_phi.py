@@ -105,3 +105,38 @@ def test_env_switch_turns_redaction_on_for_a_whole_worker(monkeypatch: pytest.Mo
     assert redacting() and run_label("heatmap", "TCGA-AA-1234", 3) == "heatmap-3"
     rows = [{"slide": "TCGA-AA-1234", "status": "done", "reason": "", "overview": "/x/TCGA-AA-1234.png"}]
     assert artifact_rows(rows, "slide", ("reason", "overview")) == [{"slide": "slide-1", "status": "done"}]
+
+
+def test_an_inbox_cohort_runs_its_stages_redacted(tmp_path: Path) -> None:
+    """Default on for watcher runs: the cohort flow of a snapshot tags every stage run it starts."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+    )
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    from stamp_flows.phi import REDACT_TAG
+    from stamp_flows.watch import WatchSettings
+    from tests.test_inbox_cohort_flow import run, stats_cohort
+
+    (tmp_path / "inbox").mkdir()
+    settings = WatchSettings.create(
+        tmp_path / "inbox", state_dir=tmp_path / "state", work_root=tmp_path / "work"
+    )
+    _, payload = stats_cohort(settings, name="c-phi")
+    run(payload)
+    with get_client(sync_client=True) as client:
+        (cohort,) = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["cohort"])),
+            sort=FlowRunSort.START_TIME_DESC,
+            limit=1,
+        )
+        stages = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[cohort.id]))
+        )
+    assert [s.name for s in stages] and all(REDACT_TAG in s.tags for s in stages), [
+        (s.name, s.tags) for s in stages
+    ]
