@@ -109,12 +109,12 @@ _SOURCE_PATTERNS = {
     "repo": re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*"),
     "revision": re.compile(r"[A-Za-z0-9][\w./-]*"),
     "gdrive": re.compile(r"[A-Za-z0-9_][\w-]*"),
-    "url": re.compile(r"https?://[^\s]+"),
+    "url": re.compile(r"(?:https?|file)://[^\s]+"),  # file://: a local mirror of an offline site
 }
 
 
 def _check_source(name: str, d: Mapping[str, Any]) -> None:
-    """Refuse lock source values that are not a plain repo id, revision, Drive id or http(s) URL.
+    """Refuse lock source values that are not a plain repo id, revision, Drive id or http(s)/file URL.
 
     They become arguments of a download tool: nothing starting with ``-`` or holding spaces
     or shell syntax gets through.
