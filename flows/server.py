@@ -97,8 +97,8 @@ def check_database_url(url: str) -> str:
     if scheme not in DATABASE_SCHEMES:
         raise ValueError(
             f"--database: {scheme or url!r} is not a database Prefect's server can use; give "
-            "postgresql+asyncpg://USER@HOST:PORT/DB (password in PGPASSWORD or ~/.pgpass, not on the "
-            "command line) or sqlite+aiosqlite:///PATH"
+            "postgresql+asyncpg://USER@HOST:PORT/DB (password in PGPASSFILE, ~/.pgpass or PGPASSWORD, "
+            "never on the command line) or sqlite+aiosqlite:///PATH"
         )
     return url
 
