@@ -148,15 +148,15 @@ def test_deployment_runs_without_a_worker_time_out_and_are_cancelled(prefect_api
 
     with get_client(sync_client=True) as client:
         client.create_work_pool(WorkPoolCreate(name="nobody-polls", type="process"), overwrite=True)
-    deploy_from_repo("flows/report.py:statistics_flow", "idle", "nobody-polls")
+    deployment_id = deploy_from_repo("flows/report.py:statistics_flow", "idle", "nobody-polls")
     with pytest.raises(StageFailed, match=r"statistics/idle not finished after 2 s .*worker polling") as err:
         _as_deployments("statistics", "statistics/idle", [{"section": {}}], timeout=2)
     assert "\n" not in str(err.value)
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs()
-    assert runs and all(
-        r.state is not None and r.state.is_cancelled() for r in runs if r.name and r.deployment_id
-    )
+        runs = [
+            r for r in client.read_flow_runs() if r.deployment_id == deployment_id
+        ]  # this test's runs only
+    assert runs and all(r.state is not None and r.state.is_cancelled() for r in runs)
 
 
 # --------------------------------------------------------------------------- slow: real server + worker
