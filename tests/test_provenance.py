@@ -431,7 +431,9 @@ def test_sweep_temps_keeps_a_young_temp_of_a_writer_in_another_pid_namespace(tmp
     try:
         assert proc.stdout is not None
         temp = Path(proc.stdout.readline().strip())
-        assert temp.exists() and f"-{fileio.PROCESS_SPACE}-" not in temp.name  # another namespace, another tag
+        assert (
+            temp.exists() and f"-{fileio.PROCESS_SPACE}-" not in temp.name
+        )  # another namespace, another tag
         assert sweep_temps(tmp_path, lifetime_s=3600) == []
         assert temp.read_text() == "partial"
     finally:
