@@ -17,16 +17,9 @@ import pytest
 import yaml
 
 from stamp_flows.watch import READY_MARKER, WatchSettings, state_path, watch_once
+from tests.test_watch import Recorder
 
 SECRET = "HF_TOKEN=hf_SuperSecretValue0123456789"
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.events: list[Any] = []
-
-    def __call__(self, event: Any) -> None:
-        self.events.append(event)
 
 
 @pytest.fixture
