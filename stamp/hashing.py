@@ -18,6 +18,7 @@ import logging
 import os
 import stat
 import tempfile
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,10 @@ def _identity(path: Path) -> dict[str, int]:
         "mtime_ns": st.st_mtime_ns,
         "ctime_ns": st.st_ctime_ns,
     }
+
+
+class FileChangedWhileHashing(RuntimeError):
+    """The file's identity (inode, size, times) changed between the start and the end of hashing it."""
 
 
 class DigestIndex:
@@ -183,12 +188,29 @@ class DigestIndex:
     def _hash_unchanged(p: Path, ident: Mapping[str, int]) -> str:
         digest = file_sha256(p)
         if _identity(p) != ident:
-            raise RuntimeError(f"{p}: file changed while it was being hashed; retry when it is complete")
+            raise FileChangedWhileHashing(
+                f"{p}: file changed while it was being hashed; retry when it is complete"
+            )
         return digest
 
-    def lookup(self, path: str | os.PathLike[str]) -> Digest:
-        """Return the file's sha256, hashing it only if no valid index entry exists."""
-        p = Path(path)  # identity comes from stat (dev, inode): no need to resolve
+    def lookup(self, path: str | os.PathLike[str], attempts: int = 3) -> Digest:
+        """Return the file's sha256, hashing it only if no valid index entry exists.
+
+        A file replaced whole while it was read (another run renaming a finished output into place)
+        is hashed again, up to ``attempts`` times; one that keeps changing (still being copied in)
+        raises ``RuntimeError``.
+        """
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._lookup(Path(path))
+            except FileChangedWhileHashing:
+                if attempt == attempts:
+                    raise
+                time.sleep(0.2 * attempt)
+        raise AssertionError("unreachable")
+
+    def _lookup(self, p: Path) -> Digest:
+        # identity comes from stat (dev, inode): no need to resolve
         ident = _identity(p)
         if not self._memo_usable():
             return Digest(self._hash_unchanged(p, ident), computed=True)

@@ -252,3 +252,30 @@ def test_code_hash_changes_with_source(tmp_path: Path) -> None:
     assert h == code_hash([b, a])
     _write(a, b"x = 3\n")
     assert code_hash([a, b]) != h
+
+
+def test_a_file_replaced_whole_while_hashed_is_hashed_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another run renaming a finished output into place mid-read: the new bytes' digest, not an error."""
+    import hashlib as _hashlib
+
+    from stamp import hashing
+
+    target = tmp_path / "slide-1.jpg"
+    target.write_bytes(b"old")
+    real = hashing.file_sha256
+    calls = {"n": 0}
+
+    def replaced_during_first_read(p):  # noqa: ANN001, ANN202
+        calls["n"] += 1
+        digest = real(p)
+        if calls["n"] == 1:
+            (tmp_path / "new").write_bytes(b"new bytes")
+            os.replace(tmp_path / "new", target)
+        return digest
+
+    monkeypatch.setattr(hashing, "file_sha256", replaced_during_first_read)
+    index = DigestIndex(tmp_path / "index")
+    assert index.sha256(target) == _hashlib.sha256(b"new bytes").hexdigest()
+    assert calls["n"] == 2
