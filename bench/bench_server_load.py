@@ -99,7 +99,7 @@ class Postgres:
 
 
 def _auth_headers(home: Path, api: str, client: str = "bench") -> dict[str, str]:
-    from stamp_flows.runtime import auth_file
+    from stamp_flows.server import auth_file
 
     basic = base64.b64encode(auth_file(home).read_text().strip().encode()).decode()
     headers = {"Authorization": f"Basic {basic}"}
@@ -110,7 +110,7 @@ def _auth_headers(home: Path, api: str, client: str = "bench") -> dict[str, str]
 
 def client_env(work: Path, home: Path, api: str) -> dict[str, str]:
     """Environment of worker / watcher / deploy subprocesses: this server, isolated stores, this venv first."""
-    from stamp_flows.runtime import auth_file
+    from stamp_flows.server import auth_file
 
     return {
         **os.environ,

@@ -23,6 +23,7 @@ from prefect.futures import PrefectFuture, as_completed
 from tqdm import tqdm
 
 from stamp.config import PreprocessingConfig, resolve_device
+from stamp.encoders import encoder_weights_digest, get_spec
 from stamp.escaping import markdown_cell, markdown_code
 from stamp.fileio import atomic_write_text, sweep_temps
 from stamp.hashing import shared_index
@@ -38,7 +39,7 @@ from stamp.slidelock import SlideLocked
 from stamp.slides import TilingParams, find_slides
 from stamp_flows.phi import artifact_rows, artifact_text, run_label
 from stamp_flows.runners import thread_pool
-from stamp_tasks.preprocess import PREPROCESS_CODE_VERSION, get_encoder, preprocess_slide
+from stamp_tasks.preprocess import PREPROCESS_CODE_VERSION, preprocess_slide
 
 
 class _NoTracebackForSlideFailures(logging.Filter):
@@ -202,8 +203,9 @@ def preprocess_flow(config: dict[str, Any], shard: int = 0, shards: int = 1) -> 
     feat_dir = feature_dir(cfg)
     sweep_temps(feat_dir)  # what a killed run left behind
     device = resolve_device(cfg.device)
-    encoder = get_encoder(cfg.extractor, str(cfg.weights_dir) if cfg.weights_dir else None, device)
-    if not encoder.spec.research_use:
+    # the weights are verified now (fail fast); the network is built by the first slide that needs it
+    weights_sha256 = encoder_weights_digest(cfg.extractor, weights_dir=cfg.weights_dir, strict=True)
+    if not get_spec(cfg.extractor).research_use:
         logger.warning("extractor %r is NOT for research use (demo/testing only)", cfg.extractor)
     if cfg.cache_dir is not None:
         logger.warning(
@@ -232,11 +234,11 @@ def preprocess_flow(config: dict[str, Any], shard: int = 0, shards: int = 1) -> 
             task = preprocess_slide.with_options(
                 task_run_name=run_label("preprocess", slide.name, number[slide]), refresh_cache=refresh
             )
-            return task.submit(str(slide), str(h5), params.cache_params(), encoder.weights_sha256, run)
+            return task.submit(str(slide), str(h5), params.cache_params(), weights_sha256, run)
 
         def expected(slide: Path = slide) -> Provenance:
             digest = shared_index().sha256(slide)
-            return slide_provenance(digest, params, encoder.weights_sha256, PREPROCESS_CODE_VERSION)
+            return slide_provenance(digest, params, weights_sha256, PREPROCESS_CODE_VERSION)
 
         jobs.append((slide, h5, submit, expected, submit()))
     by_future = {job[4]: job for job in jobs}

@@ -1,9 +1,17 @@
-"""``stamp server``: a local Prefect server + UI that later ``stamp`` commands reuse.
+"""The local Prefect server + UI that ``stamp`` commands reuse: start, record, find, stop.
 
-The server runs ``prefect server start`` on 127.0.0.1 with the same ``PREFECT_HOME`` as
-the commands, so runs made earlier against the embedded API show up in its UI too. Its
-URL and PID are written to ``$PREFECT_HOME/stamp-server.json``; :mod:`stamp_flows.runtime`
-reads that file and points each command at the running server.
+A command that needs a Prefect API and has none configured finds the server recorded under its
+``PREFECT_HOME`` or starts one in the background (:func:`find_or_start_server`): the same server
+``stamp server`` runs, which then stays up until it has been idle for ``STAMP_SERVER_IDLE_MINUTES``
+(default 30; ``stamp server --stop`` stops it at once). Later commands pay only the client's cost. Two
+commands starting at once start one server (a lock around find-or-start); a record whose process died,
+or whose PID now belongs to another process, is replaced.
+
+The server process (:mod:`stamp_flows.server_process`) runs on 127.0.0.1 with the same ``PREFECT_HOME``
+as the commands, so runs made earlier show up in its UI too. Its URL, PID and start time are written to
+``$PREFECT_HOME/stamp-server.json`` (0600) when it is spawned; a command waits for its health check only
+when it is about to run its flow, so the server's start overlaps the command's own imports, config
+validation and slide discovery.
 
 Secure by default (security review H1): the server always requires an auth string — the one IT sets in
 ``PREFECT_SERVER_API_AUTH_STRING``, else one generated on first start into
@@ -15,6 +23,7 @@ routable ``host``, put a TLS proxy in front and give its URL as ``public_url``.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
@@ -23,21 +32,103 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from stamp.fileio import atomic_write_text, make_private_dir
-from stamp_flows.runtime import (
-    auth_file,
-    check_api_url,
-    is_loopback_url,
+from stamp.fileio import (
+    atomic_write_text,
+    make_private_dir,
+    pid_alive,
     private_file_text,
-    recorded_server,
-    server_file,
-    server_is_healthy,
+    process_start_ticks,
 )
+from stamp_flows.api_urls import check_api_url, is_loopback_url
+from stamp_flows.server_process import USERS_LOCK
 
+SERVER_FILE = "stamp-server.json"
+AUTH_FILE = "stamp-server-auth"
+START_LOCK = "stamp-server.start.lock"
+LOG_FILE = "stamp-server.log"
 AUTH_USER = "stamp"
+DEFAULT_IDLE_MINUTES = 30.0
+DATABASE_SCHEMES = ("postgresql+asyncpg", "sqlite+aiosqlite")
+
+
+def server_file(home: Path) -> Path:
+    """The file where the local server's URL, PID and start time are recorded."""
+    return home / SERVER_FILE
+
+
+def auth_file(home: Path) -> Path:
+    """The 0600 file holding the auth string of the server that runs under ``home``."""
+    return home / AUTH_FILE
+
+
+def idle_timeout_s() -> float:
+    """Seconds a server started by a command waits idle before it exits (``STAMP_SERVER_IDLE_MINUTES``)."""
+    raw = os.environ.get("STAMP_SERVER_IDLE_MINUTES", "")
+    try:
+        minutes = float(raw) if raw else DEFAULT_IDLE_MINUTES
+    except ValueError:
+        raise ValueError(
+            f"STAMP_SERVER_IDLE_MINUTES={raw!r}: expected minutes as a number (0 = never stop)"
+        ) from None
+    return max(minutes, 0.0) * 60.0
+
+
+def server_is_healthy(api_url: str, timeout: float = 1.0) -> bool:
+    """True when ``<api_url>/health`` answers ``true`` within ``timeout`` seconds."""
+    try:
+        with urllib.request.urlopen(api_url.rstrip("/") + "/health", timeout=timeout) as resp:
+            return resp.status == 200 and resp.read().strip() == b"true"
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def recorded_server(home: Path) -> dict[str, Any] | None:
+    """What was recorded for the server under ``home`` (api_url, ui_url, pid, started), if ours alone.
+
+    A record that others could have written (not ours, or group/other-readable/writable) is not
+    trusted (L9).
+    """
+    text = private_file_text(server_file(home))
+    if text is None:
+        return None
+    try:
+        info = json.loads(text)
+        record: dict[str, Any] = {
+            "api_url": str(info["api_url"]),
+            "ui_url": str(info["ui_url"]),
+            "pid": int(info["pid"]),
+        }
+    except (ValueError, KeyError, TypeError):
+        return None
+    if isinstance(info.get("started"), int):
+        record["started"] = info["started"]
+    if isinstance(info.get("idle_timeout_s"), (int, float)):
+        record["idle_timeout_s"] = float(info["idle_timeout_s"])
+    return record
+
+
+def record_is_live(info: dict[str, Any]) -> bool:
+    """True when the recorded process still runs: same PID and, when recorded, the same start time."""
+    pid = int(info["pid"])
+    if pid <= 1 or not pid_alive(pid):
+        return False
+    return "started" not in info or process_start_ticks(pid) == info["started"]
+
+
+def running_local_server(home: Path) -> str | None:
+    """API URL of a live, healthy server recorded under ``home``, else None."""
+    info = recorded_server(home)
+    if info is None or not record_is_live(info):
+        return None
+    url = str(info["api_url"])
+    return url if server_is_healthy(url) else None
 
 
 def server_auth_string(home: Path) -> str:
@@ -70,25 +161,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-def _server_cmd(host: str, port: int) -> list[str]:
-    return [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
-
-
-def _wait_healthy(proc: subprocess.Popen[bytes], api_url: str, timeout: float, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"Prefect server exited with status {proc.returncode}; see {log}")
-        if server_is_healthy(api_url, timeout=1.0):
-            return
-        time.sleep(0.5)
-    proc.terminate()
-    raise TimeoutError(f"Prefect server did not answer {api_url}/health within {timeout:.0f} s; see {log}")
-
-
-DATABASE_SCHEMES = ("postgresql+asyncpg", "sqlite+aiosqlite")
 
 
 def check_database_url(url: str) -> str:
@@ -132,16 +204,26 @@ def server_env(
     return env
 
 
-def start_server(
+@dataclass
+class SpawnedServer:
+    """A server process that was started and recorded, not necessarily answering yet."""
+
+    proc: subprocess.Popen[bytes] | None
+    pid: int
+    api_url: str
+    log: Path
+
+
+def spawn_server(
     home: Path,
     *,
     host: str = "127.0.0.1",
     port: int | None = None,
     public_url: str | None = None,
     database: str | None = None,
-    timeout: float = 180.0,
-) -> tuple[subprocess.Popen[bytes], str]:
-    """Start a Prefect server process in its own session; return it and its API URL once healthy.
+    idle_timeout: float = 0.0,
+) -> SpawnedServer:
+    """Start the server process in its own session and record it; do not wait for it to answer.
 
     A ``host`` other than loopback needs ``public_url``: the ``https://`` URL of the TLS proxy in
     front of the server, which the UI then calls (plain HTTP across a network is refused).
@@ -154,24 +236,124 @@ def start_server(
     make_private_dir(home)
     port = port or free_port(host)
     api_url = f"http://{host}:{port}/api"
-    log = home / "stamp-server.log"
+    log = home / LOG_FILE
     env = server_env(home, host, port, public_url, database)
+    cmd = [sys.executable, "-m", "stamp_flows.server_process", "--host", host, "--port", str(port)]
+    cmd += ["--idle-timeout", f"{idle_timeout:g}"]
     fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "ab") as fh:
         proc = subprocess.Popen(
-            _server_cmd(host, port), env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+            cmd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
-    _wait_healthy(proc, api_url, timeout, log)
-    info = {"api_url": api_url, "ui_url": f"http://{host}:{port}", "pid": proc.pid}
+    info = {
+        "api_url": api_url,
+        "ui_url": f"http://{host}:{port}",
+        "pid": proc.pid,
+        "started": process_start_ticks(proc.pid),
+        "idle_timeout_s": idle_timeout,
+    }
     atomic_write_text(server_file(home), json.dumps(info), mode=0o600)
-    return proc, api_url
+    return SpawnedServer(proc, proc.pid, api_url, log)
+
+
+def wait_healthy(server: SpawnedServer, timeout: float = 180.0) -> None:
+    """Return once ``server`` answers its health check; raise naming its log if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        exited = server.proc.poll() is not None if server.proc else not pid_alive(server.pid)
+        if exited:
+            raise RuntimeError(f"the local Prefect server (pid {server.pid}) exited; see {server.log}")
+        if server_is_healthy(server.api_url, timeout=1.0):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(
+        f"the local Prefect server did not answer {server.api_url}/health within {timeout:.0f} s; "
+        f"see {server.log} (stop it with `stamp server --stop`)"
+    )
+
+
+def start_server(
+    home: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    public_url: str | None = None,
+    database: str | None = None,
+    idle_timeout: float = 0.0,
+    timeout: float = 180.0,
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Start a server process, wait until it answers; return it and its API URL."""
+    server = spawn_server(
+        home, host=host, port=port, public_url=public_url, database=database, idle_timeout=idle_timeout
+    )
+    assert server.proc is not None
+    try:
+        wait_healthy(server, timeout)
+    except (RuntimeError, TimeoutError):
+        server.proc.terminate()
+        server_file(home).unlink(missing_ok=True)
+        raise
+    return server.proc, server.api_url
+
+
+def _lock(path: Path, mode: int, timeout: float, what: str) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                raise TimeoutError(
+                    f"{path}: {what} did not finish within {timeout:.0f} s; run `stamp server --stop`"
+                ) from None
+            time.sleep(0.05)
+
+
+_USERS_FD: int | None = None
+
+
+def hold_users_lock(home: Path, timeout: float = 60.0) -> None:
+    """Hold the users lock (shared) until this process exits: the server does not idle-stop meanwhile.
+
+    Blocks while a server is stopping for idleness (it holds the lock exclusively until it exits).
+    """
+    global _USERS_FD
+    if _USERS_FD is None:
+        _USERS_FD = _lock(home / USERS_LOCK, fcntl.LOCK_SH, timeout, "the idle local Prefect server's shutdown")
+
+
+def find_or_start_server(home: Path, idle_timeout: float) -> SpawnedServer:
+    """The live server recorded under ``home``, or a new one spawned in the background (not awaited).
+
+    Holds the users lock for the rest of this process. One process at a time decides (the start lock),
+    so commands starting together start one server; a stale record (its process died or its PID was
+    reused) is replaced.
+    """
+    make_private_dir(home)
+    hold_users_lock(home)
+    fd = _lock(home / START_LOCK, fcntl.LOCK_EX, 120.0, "another command starting the local Prefect server")
+    try:
+        info = recorded_server(home)
+        if info is not None and record_is_live(info):
+            return SpawnedServer(None, int(info["pid"]), str(info["api_url"]), home / LOG_FILE)
+        return spawn_server(home, idle_timeout=idle_timeout)
+    finally:
+        os.close(fd)
 
 
 def stop_server(home: Path, timeout: float = 20.0) -> bool:
-    """Stop the server recorded under ``home`` (by PID); True if one was stopped."""
-    path = server_file(home)
+    """Stop the server recorded under ``home`` (its process group); True if one was stopped."""
     info = recorded_server(home)
-    if info is None or int(info["pid"]) <= 1:
+    server_file(home).unlink(missing_ok=True)
+    if info is None or not record_is_live(info):
         return False
     pid = int(info["pid"])
     stopped = False
@@ -181,11 +363,10 @@ def stop_server(home: Path, timeout: float = 20.0) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             os.killpg(pid, 0)
-            time.sleep(0.2)
+            time.sleep(0.1)
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    path.unlink(missing_ok=True)
     return stopped
 
 

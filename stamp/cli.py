@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 from stamp import cli_stages
+from stamp.cli_support import TIMES, run_flow
 from stamp.cli_support import configure_prefect as _configure_prefect
 from stamp.cli_support import fail as _fail
 from stamp.cli_support import load as _load
@@ -181,7 +183,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     logger.info(target.describe())
     from stamp_flows.synth import synth_flow
 
-    info = synth_flow(
+    info = run_flow(
+        synth_flow,
         out=str(args.out),
         patients=args.patients,
         seed=args.seed,
@@ -200,13 +203,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     logger.info(target.describe())
     from stamp_flows.demo import demo_flow
 
-    report = demo_flow(out=str(args.out), patients=args.patients, seed=args.seed)
+    report = run_flow(demo_flow, out=str(args.out), patients=args.patients, seed=args.seed)
     print(report)
     return 0
 
 
 def _cmd_server(args: argparse.Namespace) -> int:
-    target = _configure_prefect(args)
+    target = _configure_prefect(args, start_server=False)
     from stamp_flows.server import serve_foreground, start_server, stop_server
 
     if args.stop:
@@ -295,7 +298,13 @@ def main(argv: list[str] | None = None) -> int:
     handler = HANDLERS.get(args.command, _cmd_stage)
     try:
         with handle_stop_signals():  # SIGTERM (docker stop, scancel) stops a run like Ctrl-C
-            return handler(args)
+            status = handler(args)
+        if args.verbose and TIMES.flow_started is not None:
+            from stamp_flows.runtime import flush_prefect
+
+            flush_prefect()
+            print(TIMES.line(time.perf_counter()), file=sys.stderr)
+        return status
     except (KeyboardInterrupt, StopRequested) as exc:
         return _fail(f"interrupted ({exc or 'SIGINT'}); finished outputs are kept, nothing partial", 130)
     except Exception as exc:  # user-facing errors: one line; anything else: traceback in the log

@@ -11,6 +11,7 @@ import argparse
 from stamp.cli_support import configure_prefect as _configure_prefect
 from stamp.cli_support import fail as _fail
 from stamp.cli_support import load as _load
+from stamp.cli_support import run_flow as _run_flow
 from stamp.cli_support import start_stage as _start_stage
 
 
@@ -28,7 +29,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     logger.info(target.describe())
     from stamp_flows.preprocess import run_preprocess, summary_line
 
-    result = run_preprocess(sec, cfg.orchestration.task_concurrency)
+    result = _run_flow(run_preprocess, sec, cfg.orchestration.task_concurrency)
     for row in result["rows"]:
         if row["status"] in ("failed", "skipped"):
             print(f"  {row['status']}: {row['slide']}: {row['reason']}")
@@ -48,7 +49,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     _configure_prefect(args, cfg)
     from stamp_flows.modeling import train_flow
 
-    result = train_flow(section=sec.model_dump(mode="json"), advanced=_advanced(cfg))
+    result = _run_flow(train_flow, section=sec.model_dump(mode="json"), advanced=_advanced(cfg))
     print(
         f"train: {result['train_patients']} train / {result['valid_patients']} valid patients → {result['checkpoint']}"
     )
@@ -62,7 +63,7 @@ def cmd_crossval(args: argparse.Namespace) -> int:
     from stamp_flows.modeling import crossval_flow
 
     # folds run one at a time in a process: training sets global torch state (seeds, determinism)
-    result = crossval_flow(section=sec.model_dump(mode="json"), advanced=_advanced(cfg))
+    result = _run_flow(crossval_flow, section=sec.model_dump(mode="json"), advanced=_advanced(cfg))
     print(result["summary"], end="")
     print(f"crossval: {len(result['folds'])} folds in {result['seconds']:.1f} s → {result['output_dir']}")
     return 0
@@ -74,7 +75,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     _configure_prefect(args, cfg)
     from stamp_flows.modeling import deploy_flow
 
-    result = deploy_flow(section=sec.model_dump(mode="json"))
+    result = _run_flow(deploy_flow, section=sec.model_dump(mode="json"))
     for path in result["files"]:
         print(f"deploy: wrote {path}")
     return 0
@@ -86,7 +87,7 @@ def cmd_statistics(args: argparse.Namespace) -> int:
     _configure_prefect(args, cfg)
     from stamp_flows.report import statistics_flow
 
-    result = statistics_flow(section=sec.model_dump(mode="json"))
+    result = _run_flow(statistics_flow, section=sec.model_dump(mode="json"))
     print(result["summary"].strip())
     print(f"statistics: {len(result['files'])} files → {result['output_dir']}")
     return 0
@@ -99,7 +100,7 @@ def cmd_heatmaps(args: argparse.Namespace) -> int:
     from stamp_flows.report import heatmaps_flow, thread_pool
 
     flow = heatmaps_flow.with_options(task_runner=thread_pool(cfg.orchestration.task_concurrency))
-    result = flow(section=sec.model_dump(mode="json"))
+    result = _run_flow(flow, section=sec.model_dump(mode="json"))
     for row in result["rows"]:
         if row["status"] != "done":
             print(f"  {row['status']}: {row['slide']}: {row['reason']}")
@@ -120,7 +121,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         stage_plan(cfg, args.stages)
     except ValueError as exc:
         return _fail(str(exc))
-    result = cohort_flow(config_path=str(args.config.resolve()), stages=args.stages)
+    result = _run_flow(cohort_flow, config_path=str(args.config.resolve()), stages=args.stages)
     print(result["report"], end="")
     return 0
 
@@ -129,7 +130,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     """`stamp watch INBOX`: trigger the cohort deployment for each new complete cohort folder."""
     from stamp.logs import logger
 
-    target = _configure_prefect(args)
+    target = _configure_prefect(args, start_server=False)
     logger.info(target.describe())
     from stamp_flows.watch import WatchSettings, watch
 
@@ -146,7 +147,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 def cmd_deploy_flows(args: argparse.Namespace) -> int:
     """`stamp deploy-flows`: create the work pools and register the deployments."""
-    target = _configure_prefect(args)
+    target = _configure_prefect(args, start_server=False)
     from stamp_flows.deployments import DeploymentError, deploy_flows
 
     if target.mode == "embedded":
@@ -173,7 +174,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     import os
     import sys
 
-    target = _configure_prefect(args)
+    target = _configure_prefect(args, start_server=False)
     from stamp_flows.deployments import DeploymentError, worker_command
 
     if target.mode == "embedded":

@@ -17,9 +17,11 @@ Machine-dependent defaults:
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import reprlib
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -161,6 +163,8 @@ def default_num_workers() -> int:
 
 
 def _cuda_available() -> bool:
+    if sys.platform.startswith("linux") and not (glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd")):
+        return False  # no GPU device node: torch would say no as well, after seconds of importing
     try:
         import torch  # deferred: importing torch costs seconds
     except ImportError:

@@ -301,6 +301,33 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def process_start_ticks(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, /proc/PID/stat field 22), or None if gone.
+
+    With the PID it identifies a process across PID reuse: a record naming a PID whose start time
+    differs is another process's.
+    """
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(text.rsplit(")", 1)[1].split()[19])
+
+
+def private_file_text(path: str | os.PathLike[str]) -> str | None:
+    """The stripped text of ``path`` if it is a regular file of this user that no one else can read or
+    write (no symlink followed), else None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    with os.fdopen(fd) as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            return None
+        return fh.read().strip() or None
+
+
 def open_append_nofollow(path: str | os.PathLike[str]) -> int:
     """An fd for appending to ``path`` that refuses a symlink at the final component (logs)."""
     return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, _FILE_MODE)

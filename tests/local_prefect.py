@@ -13,7 +13,7 @@ from tests.conftest import REPO_ROOT
 
 def server_auth(home: Path) -> str:
     """The auth string of the server ``stamp_flows.server.start_server`` runs under ``home``."""
-    from stamp_flows.runtime import auth_file
+    from stamp_flows.server import auth_file
 
     return auth_file(home).read_text().strip()
 

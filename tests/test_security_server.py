@@ -20,8 +20,9 @@ import httpx
 import pytest
 
 from stamp.config import ConfigError
-from stamp_flows.runtime import AUTH_FILE, SERVER_FILE, check_api_url, configure_prefect
-from stamp_flows.server import server_auth_string, start_server, stop_server
+from stamp_flows.api_urls import check_api_url
+from stamp_flows.runtime import configure_prefect
+from stamp_flows.server import AUTH_FILE, SERVER_FILE, server_auth_string, start_server, stop_server
 
 EVIL_ORIGIN = "http://evil.example"
 
@@ -137,7 +138,7 @@ def test_auth_string_is_never_sent_to_another_server(tmp_path: Path, monkeypatch
 
 
 def test_planted_credential_or_server_record_is_not_trusted(tmp_path: Path) -> None:
-    from stamp_flows.runtime import recorded_server
+    from stamp_flows.server import recorded_server
 
     home = tmp_path / "home"
     home.mkdir(mode=0o700)

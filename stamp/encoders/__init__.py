@@ -35,7 +35,7 @@ from stamp.encoders.registry import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    from stamp.encoders.loading import Encoder, load_encoder
+    from stamp.encoders.loading import Encoder, encoder_weights_digest, load_encoder
 
 __all__ = [
     "ENCODERS",
@@ -53,13 +53,14 @@ __all__ = [
     "WeightsUnverifiedError",
     "build_architecture",
     "encoder_table",
+    "encoder_weights_digest",
     "get_spec",
     "load_encoder",
 ]
 
 
 def __getattr__(name: str) -> Any:  # lazy: keep `import stamp.encoders` free of torch
-    if name in ("Encoder", "load_encoder"):
+    if name in ("Encoder", "load_encoder", "encoder_weights_digest"):
         from stamp.encoders import loading
 
         return getattr(loading, name)

@@ -21,15 +21,12 @@ import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from stamp.encoders.errors import WeightsDigestError
 from stamp.encoders.registry import EncoderSpec, get_family, get_spec
-from stamp.encoders.transforms import to_model_input
 from stamp.encoders.weights import (
     Lock,
     combined_digest,
@@ -39,9 +36,19 @@ from stamp.encoders.weights import (
     verify_files,
 )
 
+if TYPE_CHECKING:  # torch is imported when an encoder is built, not with this module
+    import torch
+    from torch import nn
+
 log = logging.getLogger(__name__)
 
-_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+
+def _dtype(precision: str) -> torch.dtype:
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
 
 
 def read_state_dict(path: str | os.PathLike[str], *, trusted_sha256: str | None = None) -> dict[str, Any]:
@@ -52,6 +59,8 @@ def read_state_dict(path: str | os.PathLike[str], *, trusted_sha256: str | None 
     read once and unpickled only if they still have that digest (a file swapped after
     verification is refused). An unverified file is never fully unpickled.
     """
+    import torch
+
     p = Path(path)
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -89,23 +98,30 @@ class Encoder:
     def __init__(
         self,
         spec: EncoderSpec,
-        model: nn.Module,
+        model: nn.Module | None,
         *,
-        device: torch.device,
+        device: torch.device | str,
         weights_sha256: str,
         file_digests: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
         self.spec = spec
         self.name = spec.name
         self.dim = spec.dim
-        self.model = model
-        self.device = device
+        self.model = model  # None only for a 0-dim encoder (``empty``): nothing to run
+        self._device = device
         self.precision = spec.precision
         self.weights_sha256 = weights_sha256
         self.file_digests = dict(file_digests or {})
 
     def __repr__(self) -> str:
         return f"Encoder({self.name!r}, dim={self.dim}, device={self.device}, weights_sha256={self.weights_sha256[:12]}…)"
+
+    @property
+    def device(self) -> torch.device:
+        """The device the model runs on."""
+        import torch
+
+        return torch.device(self._device)
 
     @property
     def research_use(self) -> bool:
@@ -128,15 +144,21 @@ class Encoder:
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """Autocast to the spec's precision on CUDA; a no-op elsewhere (and for fp32)."""
         if self.device.type == "cuda" and self.precision != "fp32":
-            return torch.autocast("cuda", dtype=_DTYPES[self.precision])
+            import torch
+
+            return torch.autocast("cuda", dtype=_dtype(self.precision))
         return contextlib.nullcontext()
 
     def preprocess(self, tiles: torch.Tensor) -> torch.Tensor:
         """uint8 (N, H, W, 3) on any device -> normalised float (N, 3, h, w) on the encoder's device."""
+        from stamp.encoders.transforms import to_model_input
+
         return to_model_input(tiles, self.spec.input, self.device)
 
     def forward_uint8(self, tiles: torch.Tensor) -> torch.Tensor:
         """Features of one batch as a float16 tensor on the encoder's device (no host copy)."""
+        import torch
+
         with torch.inference_mode():
             if self.dim == 0:
                 return torch.zeros((tiles.shape[0], 0), dtype=torch.float16, device=self.device)
@@ -150,6 +172,8 @@ class Encoder:
             return y.float().to(torch.float16)
 
     def iter_batches(self, tiles: np.ndarray, batch_size: int) -> Iterator[torch.Tensor]:
+        import torch
+
         for i in range(0, len(tiles), batch_size):
             chunk = torch.from_numpy(np.ascontiguousarray(tiles[i : i + batch_size]))
             if self.device.type == "cuda":
@@ -161,8 +185,8 @@ class Encoder:
         tiles = np.asarray(tiles)
         if tiles.dtype != np.uint8 or tiles.ndim != 4 or tiles.shape[-1] != 3:
             raise ValueError(f"tiles must be uint8 with shape (N, H, W, 3), got {tiles.dtype} {tiles.shape}")
-        if len(tiles) == 0:
-            return np.zeros((0, self.dim), dtype=np.float16)
+        if len(tiles) == 0 or self.dim == 0:  # `empty` needs no torch at all
+            return np.zeros((len(tiles), self.dim), dtype=np.float16)
         bs = batch_size or self.preferred_batch_size
         out = [self.forward_uint8(b).cpu().numpy() for b in self.iter_batches(tiles, bs)]
         return np.concatenate(out, axis=0)
@@ -174,6 +198,37 @@ def _weightless_digest(spec: EncoderSpec) -> str:
     """Digest of a weight-free encoder: its name and code version (stands in for a weights sha256)."""
     version = spec.timm_kwargs.get("feature_version", 1)
     return hashlib.sha256(f"weight-free:{spec.name}:v{version}".encode()).hexdigest()
+
+
+def _checked_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, not {precision!r}")
+    return precision
+
+
+def encoder_weights_digest(
+    name: str,
+    *,
+    weights_dir: str | os.PathLike[str] | None = None,
+    lock: Lock | Mapping[str, Any] | str | os.PathLike[str] | None = None,
+    strict: bool = True,
+    hf_cache_dir: str | os.PathLike[str] | None = None,
+) -> str:
+    """The ``weights_sha256`` that :func:`load_encoder` would give ``name``, without building it (no torch).
+
+    Resolves and verifies the same files (raising the same errors for missing or mismatching weights),
+    so a stage can key its cache and fail fast before any model is built.
+    """
+    spec = get_spec(name)
+    locks = load_lock(lock)
+    digests: dict[str, dict[str, str]] = {}
+    for part in (*spec.components, spec.name):
+        pspec = get_spec(part)
+        if pspec.weights is None:
+            continue
+        files = resolve_weights(pspec, weights_dir, lock=locks, hf_cache_dir=hf_cache_dir)
+        digests[part] = verify_files(pspec, files, lock=locks, strict=strict or get_family(part).remote_code)
+    return combined_digest(digests) if digests else _weightless_digest(spec)
 
 
 def load_encoder(
@@ -200,8 +255,15 @@ def load_encoder(
     own setting, for bit-level parity with STAMP features).
     """
     spec = get_spec(name)
-    dev = torch.device(device)
     locks = load_lock(lock)
+    if spec.dim == 0 and not spec.components and spec.weights is None:  # `empty`: no network, no torch
+        enc = Encoder(spec, None, device=str(device), weights_sha256=_weightless_digest(spec))
+        if precision is not None:
+            enc.precision = _checked_precision(precision)  # type: ignore[assignment]
+        return enc
+    import torch
+
+    dev = torch.device(device)
 
     # resolve and verify everything before the (slow) build: fail fast on missing weights
     resolved: dict[str, dict[str, Path]] = {}
@@ -223,9 +285,7 @@ def load_encoder(
     model.to(dev)
     enc = Encoder(spec, model, device=dev, weights_sha256=wdigest, file_digests=digests)
     if precision is not None:
-        if precision not in _DTYPES:
-            raise ValueError(f"precision must be one of {sorted(_DTYPES)}, not {precision!r}")
-        enc.precision = precision  # type: ignore[assignment]
+        enc.precision = _checked_precision(precision)  # type: ignore[assignment]
     return enc
 
 
