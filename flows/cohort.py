@@ -17,8 +17,11 @@ before any stage runs, and table entries again while the stages read them.
 
 from __future__ import annotations
 
+import importlib
+import threading
 import time
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, cast
 
@@ -162,12 +165,53 @@ def _as_deployments(
     return {"deployment": name, "flow_runs": [str(r.id) for r in started]}
 
 
+STAGE_MODULES = {
+    "preprocess": "stamp_flows.preprocess",
+    "crossval": "stamp_flows.modeling",
+    "train": "stamp_flows.modeling",
+    "deploy": "stamp_flows.modeling",
+    "statistics": "stamp_flows.report",
+    "heatmaps": "stamp_flows.report",
+}
+
+
+def prefetch_stage_modules(stages: list[str]) -> None:
+    """Import the flow modules of ``stages`` in a background thread (torch, matplotlib: seconds each),
+    so that they load while earlier stages wait on slides and the API instead of after them."""
+    names = list(dict.fromkeys(STAGE_MODULES[s] for s in stages if s in STAGE_MODULES))
+
+    def load() -> None:
+        for name in names:
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001 - the stage itself imports it again and reports the error
+                return
+
+    if names:
+        threading.Thread(target=load, name="stamp-prefetch", daemon=True).start()
+
+
+@contextmanager
+def stage_subflow_settings() -> Iterator[None]:
+    """Settings for a stage run as a subflow in this process: no heartbeat thread of its own.
+
+    The parent run's heartbeat already says that this process is alive, and each flow run's heartbeat
+    thread costs up to a second when it ends (it sleeps in one-second steps). A deployment run (worker)
+    keeps its heartbeats.
+    """
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
+
+
 def run_stage(stage: str, cfg: StampConfig) -> dict[str, Any]:
     """Run one stage in-process or as its configured deployment(s); returns the stage's result."""
     params = stage_parameters(stage, cfg)
     deployment = cfg.orchestration.deployments.get(stage)  # type: ignore[call-overload]
     if deployment is None:
-        return _in_process(stage, params, cfg)
+        with stage_subflow_settings():
+            return _in_process(stage, params, cfg)
     if stage == "preprocess":
         n = cfg.orchestration.preprocess_shards
         shards = [{**params, "shard": i, "shards": n} for i in range(n)]
@@ -230,6 +274,8 @@ def cohort_flow(
 def _run(cfg: StampConfig, config_path: str, stages: list[str] | None) -> dict[str, Any]:
     plan = stage_plan(cfg, stages)
     logger.info("cohort %s: stages %s", config_path, ", ".join(plan) or "(none)")
+    in_process = [s for s in plan if s not in cfg.orchestration.deployments]
+    prefetch_stage_modules(in_process[1:])
     results: dict[str, Any] = {}
     timings: dict[str, float] = {}
     outcomes: dict[str, str] = {}

@@ -23,7 +23,7 @@ from stamp.config import PreprocessingConfig, dump_config, load_config
 from stamp.fileio import atomic_path
 from stamp.logs import logger
 from stamp.synthetic_cohort import load_cohort
-from stamp_flows.cohort import cohort_flow
+from stamp_flows.cohort import cohort_flow, stage_subflow_settings
 from stamp_flows.preprocess import feature_dir
 from stamp_flows.synth import synth_flow
 
@@ -146,11 +146,13 @@ def demo_flow(out: str = "stamp-demo", patients: int = 32, seed: int = 0) -> str
     """Write the synthetic cohort, run the cohort flow on it and return the report text."""
     root = Path(out).resolve()
     t0 = time.perf_counter()
-    cohort = synth_flow(out=str(root / "cohort"), patients=patients, seed=seed)
+    with stage_subflow_settings():
+        cohort = synth_flow(out=str(root / "cohort"), patients=patients, seed=seed)
     timings = {"synthetic cohort": time.perf_counter() - t0}
     config_path = write_demo_config(str(root), cohort)
     cfg = load_config(config_path)
-    run = cohort_flow(config_path=config_path)
+    with stage_subflow_settings():
+        run = cohort_flow(config_path=config_path)
     timings.update(run["seconds"])
     stages = run["stages"]
     pre, cv, stats, heat = (stages[k] for k in ("preprocess", "crossval", "statistics", "heatmaps"))

@@ -317,17 +317,18 @@ def _lock(path: Path, mode: int, timeout: float, what: str) -> int:
             time.sleep(0.05)
 
 
-_USERS_FD: int | None = None
+_USERS_FDS: dict[str, int] = {}
 
 
 def hold_users_lock(home: Path, timeout: float = 60.0) -> None:
-    """Hold the users lock (shared) until this process exits: the server does not idle-stop meanwhile.
+    """Hold ``home``'s users lock (shared) until this process exits: its server does not idle-stop meanwhile.
 
     Blocks while a server is stopping for idleness (it holds the lock exclusively until it exits).
     """
-    global _USERS_FD
-    if _USERS_FD is None:
-        _USERS_FD = _lock(home / USERS_LOCK, fcntl.LOCK_SH, timeout, "the idle local Prefect server's shutdown")
+    key = str(home)
+    if key not in _USERS_FDS:
+        what = "the idle local Prefect server's shutdown"
+        _USERS_FDS[key] = _lock(home / USERS_LOCK, fcntl.LOCK_SH, timeout, what)
 
 
 def find_or_start_server(home: Path, idle_timeout: float) -> SpawnedServer:
