@@ -156,12 +156,18 @@ def main() -> None:
 
         def warm_cfg_for(um: float):  # noqa: ANN202
             return lambda i: [
-                STAMP, "-v", "-c", str(_preprocess_config(root, six, f"warm{um:g}-{i}", um)), "preprocess"
+                STAMP,
+                "-v",
+                "-c",
+                str(_preprocess_config(root, six, f"warm{um:g}-{i}", um)),
+                "preprocess",
             ]
 
         measure("preprocess 6 slides 256 µm, warm", warm_cfg_for(256.0))
         measure("preprocess 6 slides 64 µm, warm", warm_cfg_for(64.0))
-        measure("preprocess unchanged rerun, warm", lambda i: [STAMP, "-v", "-c", str(warm_cfg), "preprocess"])
+        measure(
+            "preprocess unchanged rerun, warm", lambda i: [STAMP, "-v", "-c", str(warm_cfg), "preprocess"]
+        )
         measure("statistics 5 folds, warm", lambda i: [STAMP, "-v", "-c", str(stats_cfg), "statistics"])
         if not args.skip_demo:
             demo = root / "demo"

@@ -142,6 +142,15 @@ def configure_prefect(
             return PrefectTarget("local-server", local, home)
         return PrefectTarget("embedded", None, home)
     server = find_or_start_server(home, idle_timeout_s())
+    if server is None:
+        from stamp.logs import logger
+
+        logger.warning(
+            "%s names a Prefect server on another machine; this command uses a temporary API "
+            "(set PREFECT_API_URL to share one server between machines)",
+            home / "stamp-server.json",
+        )
+        return PrefectTarget("embedded", None, home)
     env["PREFECT_API_URL"] = server.api_url
     _send_auth_to(home, server.api_url)
     return PrefectTarget("local-server", server.api_url, home, server=server)

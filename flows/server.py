@@ -111,13 +111,21 @@ def recorded_server(home: Path) -> dict[str, Any] | None:
         record["started"] = info["started"]
     if isinstance(info.get("idle_timeout_s"), (int, float)):
         record["idle_timeout_s"] = float(info["idle_timeout_s"])
+    if isinstance(info.get("host"), str):
+        record["host"] = info["host"]
     return record
+
+
+def recorded_elsewhere(info: dict[str, Any]) -> bool:
+    """True when the record was written on another machine sharing this ``PREFECT_HOME`` (e.g. an NFS home
+    on a cluster): its PID means nothing here, and its server is not ours to replace or stop."""
+    return info.get("host", socket.gethostname()) != socket.gethostname()
 
 
 def record_is_live(info: dict[str, Any]) -> bool:
     """True when the recorded process still runs: same PID and, when recorded, the same start time."""
     pid = int(info["pid"])
-    if pid <= 1 or not pid_alive(pid):
+    if recorded_elsewhere(info) or pid <= 1 or not pid_alive(pid):
         return False
     return "started" not in info or process_start_ticks(pid) == info["started"]
 
@@ -256,6 +264,7 @@ def spawn_server(
         "pid": proc.pid,
         "started": process_start_ticks(proc.pid),
         "idle_timeout_s": idle_timeout,
+        "host": socket.gethostname(),
     }
     atomic_write_text(server_file(home), json.dumps(info), mode=0o600)
     return SpawnedServer(proc, proc.pid, api_url, log)
@@ -331,18 +340,21 @@ def hold_users_lock(home: Path, timeout: float = 60.0) -> None:
         _USERS_FDS[key] = _lock(home / USERS_LOCK, fcntl.LOCK_SH, timeout, what)
 
 
-def find_or_start_server(home: Path, idle_timeout: float) -> SpawnedServer:
+def find_or_start_server(home: Path, idle_timeout: float) -> SpawnedServer | None:
     """The live server recorded under ``home``, or a new one spawned in the background (not awaited).
 
     Holds the users lock for the rest of this process. One process at a time decides (the start lock),
     so commands starting together start one server; a stale record (its process died or its PID was
-    reused) is replaced.
+    reused) is replaced. None when the record is another machine's (a ``PREFECT_HOME`` shared over the
+    network): that server is left alone.
     """
     make_private_dir(home)
     hold_users_lock(home)
     fd = _lock(home / START_LOCK, fcntl.LOCK_EX, 120.0, "another command starting the local Prefect server")
     try:
         info = recorded_server(home)
+        if info is not None and recorded_elsewhere(info):
+            return None
         if info is not None and record_is_live(info):
             return SpawnedServer(None, int(info["pid"]), str(info["api_url"]), home / LOG_FILE)
         return spawn_server(home, idle_timeout=idle_timeout)
@@ -353,6 +365,8 @@ def find_or_start_server(home: Path, idle_timeout: float) -> SpawnedServer:
 def stop_server(home: Path, timeout: float = 20.0) -> bool:
     """Stop the server recorded under ``home`` (its process group); True if one was stopped."""
     info = recorded_server(home)
+    if info is not None and recorded_elsewhere(info):
+        return False  # another machine's server: stop it there
     server_file(home).unlink(missing_ok=True)
     if info is None or not record_is_live(info):
         return False

@@ -23,6 +23,7 @@ import fcntl
 import importlib.metadata
 import json
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -87,7 +88,10 @@ def _record_names_us(home: Path) -> bool:
         info = json.loads((home / "stamp-server.json").read_text())
     except (OSError, ValueError):
         return False
-    return int(info.get("pid", -1)) == os.getpid()
+    return (
+        int(info.get("pid", -1)) == os.getpid()
+        and info.get("host", socket.gethostname()) == socket.gethostname()
+    )
 
 
 def _users_lock_free(home: Path) -> int | None:

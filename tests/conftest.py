@@ -25,8 +25,18 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# a `stamp` subprocess without PREFECT_API_URL starts the local server under the session's PREFECT_HOME
+# (issue #17); it is stopped when the session ends, and one left by a killed session exits soon
+os.environ.setdefault("STAMP_SERVER_IDLE_MINUTES", "5")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Stop the local Prefect server that `stamp` subprocesses of this session started."""
+    from stamp_flows.server import stop_server
+
+    stop_server(Path(os.environ["PREFECT_HOME"]))
 
 
 @pytest.fixture(scope="session")

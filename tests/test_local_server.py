@@ -86,7 +86,9 @@ def home(tmp_path: Path):  # noqa: ANN201
 def test_two_commands_starting_at_once_start_one_server_that_a_third_reuses(home: Path) -> None:
     env = _env(home)
     procs = [
-        subprocess.Popen([sys.executable, "-c", CLIENT], env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", CLIENT], env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True
+        )
         for _ in range(2)
     ]
     outs = [p.communicate(timeout=300)[0].split() for p in procs]
@@ -95,7 +97,9 @@ def test_two_commands_starting_at_once_start_one_server_that_a_third_reuses(home
     record = recorded_server(home)
     assert record is not None and record["api_url"] == outs[0][1]
     assert _server_processes(home) == [record["pid"]], "exactly one server for this PREFECT_HOME"
-    third = subprocess.run([sys.executable, "-c", CLIENT], env=env, cwd=REPO_ROOT, capture_output=True, text=True)
+    third = subprocess.run(
+        [sys.executable, "-c", CLIENT], env=env, cwd=REPO_ROOT, capture_output=True, text=True
+    )
     assert third.returncode == 0, third.stderr[-2000:]
     assert third.stdout.split()[1] == record["api_url"] and _server_processes(home) == [record["pid"]]
 
@@ -103,7 +107,9 @@ def test_two_commands_starting_at_once_start_one_server_that_a_third_reuses(home
 def test_stamp_v_prints_the_timing_line_and_reuses_the_server(home: Path, tmp_path: Path) -> None:
     preds = tmp_path / "preds.csv"
     rows = ["PATIENT,isMSIH,pred,isMSIH_MSIH,isMSIH_nonMSIH,loss"]
-    rows += [f"P{i},{'MSIH' if i % 2 else 'nonMSIH'},MSIH,{0.3 + 0.4 * (i % 2):.2f},0.5,0.5" for i in range(20)]
+    rows += [
+        f"P{i},{'MSIH' if i % 2 else 'nonMSIH'},MSIH,{0.3 + 0.4 * (i % 2):.2f},0.5,0.5" for i in range(20)
+    ]
     preds.write_text("\n".join(rows) + "\n")
     cfg = tmp_path / "config.yaml"
     cfg.write_text(
@@ -111,10 +117,14 @@ def test_stamp_v_prints_the_timing_line_and_reuses_the_server(home: Path, tmp_pa
         "  ground_truth_label: isMSIH\n  true_class: MSIH\n"
     )
     env = _env(home)
-    timing = re.compile(r"timing: start-up [0-9.]+ s · API [0-9.]+ s · flow ([0-9.]+) s · write-out [-0-9.]+ s")
+    timing = re.compile(
+        r"timing: start-up [0-9.]+ s · API [0-9.]+ s · flow ([0-9.]+) s · write-out [-0-9.]+ s"
+    )
     servers = []
     for _ in range(2):
-        out = subprocess.run([STAMP, "-v", "-c", str(cfg), "statistics"], env=env, capture_output=True, text=True)
+        out = subprocess.run(
+            [STAMP, "-v", "-c", str(cfg), "statistics"], env=env, capture_output=True, text=True
+        )
         assert out.returncode == 0, out.stderr[-2000:]
         found = timing.search(out.stderr)
         assert found and float(found.group(1)) > 0, out.stderr[-2000:]
@@ -130,7 +140,9 @@ def test_idle_server_stops_only_when_no_command_holds_it(home: Path) -> None:
     holder = subprocess.Popen(
         [sys.executable, "-c", CLIENT, "15"], env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True
     )
-    _wait_until(lambda: server_is_healthy(str((recorded_server(home) or {}).get("api_url", ""))), 240, "a server")
+    _wait_until(
+        lambda: server_is_healthy(str((recorded_server(home) or {}).get("api_url", ""))), 240, "a server"
+    )
     record = recorded_server(home)
     assert record is not None
     line = holder.stdout.readline() if holder.stdout else ""
@@ -212,3 +224,21 @@ def test_commands_without_work_import_neither_prefect_nor_torch(tmp_path: Path) 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_record_of_another_machine_sharing_the_home_is_left_alone(home: Path) -> None:
+    """An NFS home on a cluster: another node's server is neither reused (its PID means nothing here),
+    nor replaced, nor stopped; the command falls back to a temporary API."""
+    info = {"api_url": "http://127.0.0.1:9/api", "ui_url": "http://127.0.0.1:9", "pid": os.getpid()}
+    info |= {"started": process_start_ticks(os.getpid()), "host": "another-node.cluster"}
+    (home / SERVER_FILE).write_text(json.dumps(info))
+    (home / SERVER_FILE).chmod(0o600)
+    before = (home / SERVER_FILE).read_bytes()
+    assert find_or_start_server(home, idle_timeout=0) is None
+    assert stop_server(home) is False
+    assert (home / SERVER_FILE).read_bytes() == before
+    code = "from stamp_flows.runtime import configure_prefect\nprint(configure_prefect().mode)\n"
+    out = subprocess.run([sys.executable, "-c", code], env=_env(home), capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.split()[-1] == "embedded", out.stderr[-2000:]
+    assert "another machine" in out.stderr
+    assert _server_processes(home) == []
