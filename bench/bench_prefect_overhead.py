@@ -46,6 +46,7 @@ print(target.mode)
 def _run(mode: str, home: Path) -> tuple[float, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env["PREFECT_HOME"] = str(home)
+    env["STAMP_SERVER_AUTOSTART"] = "0"  # embedded rows stay embedded; a running server is still found
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", CHILD, mode], env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0

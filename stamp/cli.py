@@ -217,7 +217,16 @@ def _cmd_server(args: argparse.Namespace) -> int:
         print("Stopped the local Prefect server." if stopped else "No local Prefect server was recorded.")
         return 0
     if target.mode == "local-server":
-        print(f"A local Prefect server is already running: {target.api_url}")
+        from stamp_flows.server import recorded_server
+
+        idle = float((recorded_server(target.home) or {}).get("idle_timeout_s", 0) or 0)
+        note = (
+            f" (started by a command: it stops after {idle / 60:g} min idle; `stamp server --stop` first "
+            "for one that stays up)"
+            if idle and not args.stop
+            else ""
+        )
+        print(f"A local Prefect server is already running: {target.api_url}{note}")
         return 0
     where = {"host": args.host, "port": args.port, "public_url": args.public_url, "database": args.database}
     try:
