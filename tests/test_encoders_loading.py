@@ -314,3 +314,23 @@ def test_autocast_only_on_cuda(tiny):
     import contextlib
 
     assert isinstance(enc.autocast(), contextlib.nullcontext)  # bf16 spec, CPU device: no autocast
+
+
+def test_weights_digest_without_building_equals_the_loaded_encoders(tiny, tmp_path: Path) -> None:
+    """The preprocess flow keys its cache with encoder_weights_digest (no torch, no network built): it must be
+    exactly what the encoder that later encodes the tiles reports, and refuse what load_encoder refuses."""
+    from stamp.encoders import encoder_weights_digest
+
+    spec, ref, wdir, lock = tiny
+    assert encoder_weights_digest(TINY, weights_dir=wdir, lock=lock) == load_encoder(
+        TINY, weights_dir=wdir, lock=lock, strict=True
+    ).weights_sha256
+    assert encoder_weights_digest("empty") == load_encoder("empty").weights_sha256
+    assert encoder_weights_digest("demo") == load_encoder("demo").weights_sha256
+    empty = load_encoder("empty")
+    assert empty.model is None and empty.encode(_tiles(3, 224)).shape == (3, 0)
+    with pytest.raises(WeightsNotFoundError):
+        encoder_weights_digest(TINY, weights_dir=tmp_path / "nowhere", lock=lock)
+    (wdir / TINY / "model.safetensors").write_bytes(b"not the pinned bytes")
+    with pytest.raises(WeightsDigestError):
+        encoder_weights_digest(TINY, weights_dir=wdir, lock=lock)
