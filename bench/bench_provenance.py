@@ -36,7 +36,7 @@ def _checks(out: Path) -> tuple[float, int]:
     from stamp.preprocess import serve_cached, slide_provenance
     from stamp.slides import find_slides
     from stamp.statistics.api import check_statistics
-    from stamp.synthetic_cohort import check_cohort
+    from stamp.synthetic import check_cohort
     from stamp_flows.preprocess import feature_dir, h5_path_for, params_from_config
     from stamp_tasks.preprocess import PREPROCESS_CODE_VERSION, get_encoder
 

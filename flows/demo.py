@@ -22,7 +22,7 @@ from prefect.artifacts import create_markdown_artifact
 from stamp.config import PreprocessingConfig, dump_config, load_config
 from stamp.fileio import atomic_path
 from stamp.logs import logger
-from stamp.synthetic_cohort import load_cohort
+from stamp.synthetic import load_cohort
 from stamp_flows.cohort import cohort_flow, stage_subflow_settings
 from stamp_flows.preprocess import feature_dir
 from stamp_flows.synth import synth_flow

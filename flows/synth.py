@@ -9,7 +9,7 @@ from prefect import flow
 from prefect.artifacts import create_table_artifact
 
 from stamp.logs import logger
-from stamp.synthetic_cohort import DEFAULT_SIZE, check_cohort
+from stamp.synthetic import DEFAULT_SIZE, check_cohort
 from stamp_flows.runners import thread_pool
 from stamp_tasks.cache import served_or_recomputed
 from stamp_tasks.synth import write_synthetic_cohort

@@ -7,13 +7,11 @@ from typing import Any
 
 from prefect import task
 
-import stamp
-from stamp.hashing import code_hash
-from stamp.synthetic import synth_command
+from stamp.synthetic import generator_code_hash, synth_command
 from stamp_tasks.cache import content_cache_policy
 from stamp_tasks.results import RESULT_OPTIONS
 
-SYNTH_CODE_VERSION = code_hash(Path(stamp.__file__).parent.glob("synthetic*.py"))[:16]
+SYNTH_CODE_VERSION = generator_code_hash()[:16]
 SYNTH_CACHE = content_cache_policy(SYNTH_CODE_VERSION, content_args=())
 
 

@@ -85,9 +85,9 @@ def test_demo_separates_painted_planted_biomarker():
 def test_demo_separates_synthetic_slide_regions(tmp_path):
     """Tiles of a synthetic positive slide: planted vs tissue-only regions, at STAMP's 256 um / 224 px."""
     try:
-        from stamp.synthetic_slide import SlideSpec, write_slide
+        from stamp.synthetic import SlideSpec, write_slide
     except ImportError as e:  # the synthetic-slide module is being written in parallel
-        pytest.skip(f"stamp.synthetic_slide unavailable: {e}")
+        pytest.skip(f"stamp.synthetic unavailable: {e}")
     import openslide
 
     side, tile_l0 = 5120, 512  # 0.5 um/px: 512 px = 256 um, resized to 224 like STAMP's default

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 from stamp.config import PreprocessingConfig
-from stamp.synthetic import write_cohort
-from stamp.synthetic_slide import SlideTruth
+from stamp.synthetic import SlideTruth, write_cohort
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 

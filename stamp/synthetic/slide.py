@@ -25,13 +25,24 @@ import cv2
 import numpy as np
 
 from stamp.fileio import atomic_write_bytes
-from stamp.synthetic_masks import SlideFields, feature_collection, make_fields, rect_fraction, score_polygons
-from stamp.synthetic_paint import TilePainter
-from stamp.synthetic_texture import get_atlases
-from stamp.synthetic_tiff import level_shapes, write_pyramid
+from stamp.synthetic.paint import TilePainter
+from stamp.synthetic.regions import (
+    SlideFields,
+    feature_collection,
+    make_fields,
+    rect_fraction,
+    score_polygons,
+)
+from stamp.synthetic.texture import get_atlases
+from stamp.synthetic.tiff import level_shapes, write_pyramid
 
 TRUTH_FORMAT_VERSION = 1
 _NOMINAL_MPP = 0.5  # texture scale for slides written without an mpp
+
+
+def slide_seed(seed: int, index: int) -> int:
+    """The ``index``-th slide seed derived from a cohort ``seed`` (independent streams)."""
+    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1, np.uint32)[0])
 
 
 @dataclass(frozen=True)

@@ -38,10 +38,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tifffile
 
 from stamp.provenance import Check, Provenance, check_files, record_files
-from stamp.synthetic_slide import TRUTH_FORMAT_VERSION, SlideSpec, SlideTruth, write_slide
+from stamp.synthetic.extras import EXTRA_EXPECT, write_extras
+from stamp.synthetic.slide import TRUTH_FORMAT_VERSION, SlideSpec, SlideTruth, slide_seed, write_slide
 
 DEFAULT_SIZE = 4096
 DEFAULT_PATIENTS = 12
@@ -120,7 +120,7 @@ class CohortInfo:
                 extras[name] = {"kind": "slide", **item.to_dict(relative_to=self.root)}
             else:
                 extras[name] = {"kind": "file", "path": item.relative_to(self.root).as_posix()}
-            extras[name]["expect"] = _EXTRA_EXPECT[name]
+            extras[name]["expect"] = EXTRA_EXPECT[name]
         return {
             "generator": "stamp.synthetic",
             "format_version": TRUTH_FORMAT_VERSION,
@@ -135,15 +135,6 @@ class CohortInfo:
             ],
             "extras": extras,
         }
-
-
-_EXTRA_EXPECT = {
-    "generic_no_mpp": "opens as generic-tiff without openslide.mpp-x; needs default_slide_mpp",
-    "truncated": "OpenSlideError on open or when reading level-0 tiles",
-    "not_a_slide": "OpenSlideUnsupportedFormatError on open",
-    "blank": "opens as aperio; no tissue",
-    "corrupt_tiles": "opens as aperio; reading the middle third of level-0 tiles raises OpenSlideError",
-}
 
 
 def load_cohort(root: Path) -> CohortInfo:
@@ -162,10 +153,6 @@ def _csv_bytes(rows: list[list[Any]]) -> bytes:
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows(rows)
     return buf.getvalue().encode()
-
-
-def _slide_seed(seed: int, index: int) -> int:
-    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1, np.uint32)[0])
 
 
 def _plan(n_patients: int, seed: int, size: int, mpps: tuple[float, ...]) -> list[dict[str, Any]]:
@@ -196,7 +183,7 @@ def _plan(n_patients: int, seed: int, size: int, mpps: tuple[float, ...]) -> lis
                 height=h,
                 mpp=float(mpp_list[k]),
                 planted_fraction=pf,
-                seed=_slide_seed(seed, k),
+                seed=slide_seed(seed, k),
                 texture_seed=int(seed),
             )
             slides.append((f"{pid}_s{j + 1}", spec))
@@ -209,61 +196,6 @@ def _outcomes(rng: np.random.Generator, pf: float) -> dict[str, Any]:
     tmb = max(0.5, 4.0 + 80.0 * pf + rng.normal(0.0, 2.5))
     os_time = 365.0 * math.exp(0.2 + 4.5 * pf + rng.normal(0.0, 0.35))
     return {"TMB": round(tmb, 1), "OS_time": int(round(os_time)), "OS_event": int(rng.random() < 0.75)}
-
-
-def _write_extras(folder: Path, seed: int, size: int) -> dict[str, SlideTruth | Path]:
-    small = min(size, 2048)
-    out: dict[str, SlideTruth | Path] = {}
-    out["generic_no_mpp"] = write_slide(
-        folder / "generic_no_mpp.tif",
-        SlideSpec(
-            width=small,
-            height=small,
-            mpp=None,
-            vendor="generic",
-            seed=_slide_seed(seed, 10_001),
-            texture_seed=seed,
-        ),
-    )
-    out["blank"] = write_slide(
-        folder / "blank.svs",
-        SlideSpec(
-            width=small, height=small, mpp=0.5, blank=True, seed=_slide_seed(seed, 10_002), texture_seed=seed
-        ),
-    )
-    # a real slide cut in half: the first IFD survives, later IFDs and most tile data do not
-    trunc = folder / "truncated.svs"
-    write_slide(
-        trunc,
-        SlideSpec(width=small, height=small, mpp=0.5, seed=_slide_seed(seed, 10_003), texture_seed=seed),
-    )
-    data = trunc.read_bytes()
-    trunc.write_bytes(data[: len(data) // 2])
-    for suffix in ("tissue.geojson", "biomarker.geojson", "tissue.png", "biomarker.png"):
-        trunc.with_name(f"truncated.{suffix}").unlink()
-    out["truncated"] = trunc
-    corrupt = folder / "corrupt_tiles.svs"
-    out["corrupt_tiles"] = write_slide(
-        corrupt,
-        SlideSpec(width=small, height=small, mpp=0.25, seed=_slide_seed(seed, 10_004), texture_seed=seed),
-    )
-    _zero_level0_tiles(corrupt)
-    bad = folder / "not_a_slide.svs"
-    bad.write_bytes(b"This is not a whole-slide image; it only has a slide file suffix.\n" * 20)
-    out["not_a_slide"] = bad
-    return out
-
-
-def _zero_level0_tiles(path: Path) -> None:
-    """Overwrite the middle third of level 0's JPEG tiles with zero bytes (structure stays valid)."""
-    with tifffile.TiffFile(path) as tf:
-        page = tf.pages[0]
-        offsets, counts = list(page.dataoffsets), list(page.databytecounts)  # type: ignore[union-attr]
-    n = len(offsets)
-    with open(path, "r+b") as fh:
-        for i in range(n // 3, 2 * n // 3):
-            fh.seek(offsets[i])
-            fh.write(bytes(counts[i]))
 
 
 def _is_synthetic(truth_json: Path) -> bool:
@@ -294,13 +226,18 @@ def _install(build: Path, out: Path) -> None:
 COHORT_UNIT = "synthetic-cohort"
 
 
+def generator_code_hash() -> str:
+    """Code version of the generator: every module of the :mod:`stamp.synthetic` package."""
+    from stamp.hashing import code_hash
+
+    return code_hash(Path(__file__).parent.glob("*.py"))
+
+
 def cohort_provenance(
     n_patients: int, seed: int, size: int, mpps: tuple[float, ...], variants: bool
 ) -> Provenance:
     """What a synthetic cohort is computed from: its arguments and the generator's code."""
-    from stamp.hashing import code_hash
-
-    code = code_hash(Path(__file__).parent.glob("synthetic*.py"))
+    code = generator_code_hash()
     settings = {
         "n_patients": n_patients,
         "seed": seed,
@@ -388,7 +325,7 @@ def write_cohort(
         (build / "clini.csv").write_bytes(_csv_bytes(clini))
         slide_rows = [["PATIENT", "FILENAME"]] + [[r.patient, r.filename] for r in records]
         (build / "slide.csv").write_bytes(_csv_bytes(slide_rows))
-        extras = _write_extras(build / "extras", seed, size) if variants else {}
+        extras = write_extras(build / "extras", seed, size) if variants else {}
         info = CohortInfo(build, int(seed), int(size), records, patients, extras)
         (build / "truth.json").write_text(json.dumps(info.to_dict(), indent=1) + "\n")
         _install(build, out)

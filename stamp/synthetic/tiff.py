@@ -27,7 +27,7 @@ import imagecodecs
 import numpy as np
 import tifffile
 
-from stamp.synthetic_paint import TilePainter
+from stamp.synthetic.paint import TilePainter
 
 APERIO_HEADER = "Aperio Image Library v12.0.15 \r\n"
 Vendor = Literal["aperio", "generic"]

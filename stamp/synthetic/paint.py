@@ -14,8 +14,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from stamp.synthetic_masks import PLANTED_EDGE_PX, TISSUE_EDGE_PX, SlideFields
-from stamp.synthetic_texture import Atlases, glass_rgb
+from stamp.synthetic.regions import PLANTED_EDGE_PX, TISSUE_EDGE_PX, SlideFields
+from stamp.synthetic.texture import Atlases, glass_rgb
 
 N_BACKGROUND_VARIANTS = 4
 

@@ -9,21 +9,24 @@ an mpp-less and broken files. Everything is a pure function of the seed (same
 seed, same bytes); rendering is streamed tile by tile, so a 20,000² px slide
 needs well under 1 GiB.
 
-Modules: :mod:`stamp.synthetic_slide` (one slide), :mod:`stamp.synthetic_cohort`
-(cohort tables and variants), :mod:`stamp.synthetic_masks` (geometry),
-:mod:`stamp.synthetic_texture` (H&E texture atlases), :mod:`stamp.synthetic_paint`
-(tiles) and :mod:`stamp.synthetic_tiff` (pyramid + TIFF layout).
+Modules: :mod:`~stamp.synthetic.cohort` (cohort tables, truth manifest, provenance),
+:mod:`~stamp.synthetic.extras` (the mpp-less and broken files), :mod:`~stamp.synthetic.slide`
+(one slide and its truth), :mod:`~stamp.synthetic.regions` (tissue / planted geometry),
+:mod:`~stamp.synthetic.texture` (H&E texture atlases), :mod:`~stamp.synthetic.paint` (tiles)
+and :mod:`~stamp.synthetic.tiff` (pyramid + TIFF layout).
 """
 
-from stamp.synthetic_cohort import (
+from stamp.synthetic.cohort import (
     DEFAULT_SIZE,
     CohortInfo,
     SlideRecord,
+    check_cohort,
+    generator_code_hash,
     load_cohort,
     synth_command,
     write_cohort,
 )
-from stamp.synthetic_slide import SlideSpec, SlideTruth, write_slide
+from stamp.synthetic.slide import SlideSpec, SlideTruth, write_slide
 
 __all__ = [
     "DEFAULT_SIZE",
@@ -31,6 +34,8 @@ __all__ = [
     "SlideRecord",
     "SlideSpec",
     "SlideTruth",
+    "check_cohort",
+    "generator_code_hash",
     "load_cohort",
     "synth_command",
     "write_cohort",
