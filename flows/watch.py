@@ -47,7 +47,7 @@ from typing import Any
 
 from prefect import flow
 
-from stamp.cohort_tables import safe_name
+from stamp.cohort.tables import safe_name
 from stamp.config import MAX_CONFIG_BYTES, ConfigError, parse_config
 from stamp.confinement import Confinement, confine_config, write_snapshot
 from stamp.fileio import atomic_write_text, make_private_dir, unsafe_folder_reason

@@ -244,8 +244,8 @@ def check_tables(cfg: StampConfig, conf: Confinement) -> None:
     ``wsi_list`` entries, the slides under ``wsi_dir`` and slide-table ``FILENAME`` values; files not
     there yet are left to the stage that reads them (which checks again while :func:`enforced`).
     """
-    from stamp.cohort_features import _feature_path
-    from stamp.cohort_tables import _cell, read_table
+    from stamp.cohort.feature_files import feature_path
+    from stamp.cohort.tables import cell_text, read_table
     from stamp.slides.discovery import find_slides
 
     with enforced(conf):
@@ -264,9 +264,9 @@ def check_tables(cfg: StampConfig, conf: Confinement) -> None:
             feature_dir = getattr(tsec, "feature_dir", None) or getattr(tsec, "feat_dir")  # noqa: B009
             df = read_table(table, [tsec.patient_label, tsec.filename_label], what="slide table")
             for raw in df[tsec.filename_label]:
-                name = _cell(raw)
+                name = cell_text(raw)
                 if name is not None:
-                    _feature_path(feature_dir, name, label=f"{table}: {tsec.filename_label} {name!r}")
+                    feature_path(feature_dir, name, label=f"{table}: {tsec.filename_label} {name!r}")
 
 
 # --------------------------------------------------------------------------- snapshots
@@ -283,7 +283,7 @@ def write_snapshot(
 
     ``folder`` must be private to this user (the watcher's state folder).
     """
-    from stamp.cohort_tables import safe_name
+    from stamp.cohort.tables import safe_name
     from stamp.fileio import atomic_write_bytes, make_private_dir, unsafe_folder_reason
 
     make_private_dir(folder)

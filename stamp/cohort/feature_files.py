@@ -3,7 +3,7 @@
 Each feature h5 is probed from its attrs and dataset shapes only (no data read): its type
 (tile / slide / patient), tile count, feature dim, extractor and weights digest. All files under a
 ``feature_dir`` must share one type (:func:`detect_feature_type`) and the files of the usable
-patients one dim (``_feature_info``). Part of :mod:`stamp.cohort`, which re-exports the public names.
+patients one dim (``feature_info``). Part of :mod:`stamp.cohort`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ logger = logging.getLogger("stamp")
 FeatureType = Literal["tile", "slide", "patient"]
 
 
-class _Probe(NamedTuple):
+class FeatureProbe(NamedTuple):
     feat_type: str | None  # None: unreadable
     n: int = 0  # tiles (1 for an embedding)
     dim: int = 0
@@ -32,28 +32,28 @@ class _Probe(NamedTuple):
     weights_sha256: str | None = None
 
 
-def _probe(path: Path) -> _Probe:
+def probe_feature_file(path: Path) -> FeatureProbe:
     """Type, tile count and dim of a feature h5 from its attrs and shapes (no data read)."""
     try:
         with h5py.File(path, "r") as h5:
             attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in h5.attrs.items()}
             shape = (h5["feats"] if "feats" in h5 else h5["patch_embeddings"]).shape
     except (OSError, KeyError):
-        return _Probe(None)
+        return FeatureProbe(None)
     ftype = str(attrs.get("feat_type") or ("slide" if "encoder" in attrs else "tile"))
     n = shape[0] if ftype == "tile" and len(shape) == 2 else 1
     extractor = attrs.get("extractor") or attrs.get("encoder")
-    return _Probe(ftype, n, shape[-1] if shape else 0, extractor, attrs.get("weights_sha256"))
+    return FeatureProbe(ftype, n, shape[-1] if shape else 0, extractor, attrs.get("weights_sha256"))
 
 
-def _scan(feature_dir: Path) -> dict[Path, _Probe]:
+def scan_feature_dir(feature_dir: Path) -> dict[Path, FeatureProbe]:
     if not feature_dir.is_dir():
         raise FileNotFoundError(f"{feature_dir}: feature_dir not found")
     files = sorted(p for p in feature_dir.rglob("*") if p.suffix.lower() == ".h5" and p.is_file())
-    return {p: _probe(check_input(p, f"{feature_dir}: feature file {p}")) for p in files}
+    return {p: probe_feature_file(check_input(p, f"{feature_dir}: feature file {p}")) for p in files}
 
 
-def _feature_type(scan: Mapping[Path, _Probe], feature_dir: Path) -> FeatureType:
+def feature_type_of_scan(scan: Mapping[Path, FeatureProbe], feature_dir: Path) -> FeatureType:
     by_type: dict[str, list[Path]] = defaultdict(list)
     for path, probe in scan.items():
         if probe.feat_type is not None:
@@ -74,10 +74,10 @@ def _feature_type(scan: Mapping[Path, _Probe], feature_dir: Path) -> FeatureType
 def detect_feature_type(feature_dir: Path) -> FeatureType:
     """tile / slide / patient from the h5 attrs of every feature file under ``feature_dir``."""
     feature_dir = Path(os.path.abspath(feature_dir))
-    return _feature_type(_scan(feature_dir), feature_dir)
+    return feature_type_of_scan(scan_feature_dir(feature_dir), feature_dir)
 
 
-def _feature_path(feature_dir: Path, name: str, label: str | None = None) -> Path:
+def feature_path(feature_dir: Path, name: str, label: str | None = None) -> Path:
     """FILENAME → h5 path; ``x`` and ``x.svs`` find ``x.h5`` too (STAMP requires the ``.h5``).
 
     In a watcher-started run the path must resolve inside the cohort's folders (``label`` names the entry).
@@ -92,9 +92,9 @@ def _feature_path(feature_dir: Path, name: str, label: str | None = None) -> Pat
     )
 
 
-def _feature_info(files: Iterable[Path], scan: Mapping[Path, _Probe]) -> dict[str, Any]:
+def feature_info(files: Iterable[Path], scan: Mapping[Path, FeatureProbe]) -> dict[str, Any]:
     """Dim, extractor(s), weights digest(s), file and tile counts of ``files`` (one dim required)."""
-    probes = [scan.get(f) or _probe(f) for f in files]
+    probes = [scan.get(f) or probe_feature_file(f) for f in files]
     dims = sorted({pr.dim for pr in probes})
     if len(dims) > 1:
         raise ValueError(

@@ -4,12 +4,8 @@ STAMP's rules, with its bugs fixed (stamp-facts §7): slides are grouped per pat
 order; ``FILENAME`` may omit ``.h5`` (STAMP issues #21/#95); every dropped patient is counted under
 one reason, warned about per reason, and the log ends with the totals. Patient-level features are
 ``<PATIENT>.h5`` directly in ``feature_dir`` (no slide table needed); tile and slide features need
-the slide table. Tables are read as text; the tokens in :data:`NA_TOKENS` mean "missing".
-
-Module layout: this module assembles the cohort (:func:`load_cohort`, :class:`CohortData`,
-:class:`Patient`, the drop reasons) and re-exports everything public; table reading lives in
-:mod:`stamp.cohort_tables` and the feature-file side (h5 probing, :func:`detect_feature_type`,
-feature_info) in :mod:`stamp.cohort_features`.
+the slide table. Tables are read as text; the tokens in :data:`stamp.cohort.tables.NA_TOKENS` mean
+"missing".
 """
 
 from __future__ import annotations
@@ -23,44 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from stamp.cohort_features import (
+from stamp.cohort.feature_files import (
     FeatureType,
-    _feature_info,
-    _feature_path,
-    _feature_type,
-    _probe,
-    _scan,
-    detect_feature_type,
+    feature_info,
+    feature_path,
+    feature_type_of_scan,
+    probe_feature_file,
+    scan_feature_dir,
 )
-from stamp.cohort_tables import NA_TOKENS, _cell, is_na, parse_status, read_table, safe_name
-
-__all__ = [
-    "ALL_MISSING",
-    "BAD_STATUS",
-    "BAD_TIME",
-    "EMPTY",
-    "MIN_CLASS_PATIENTS",
-    "MISSING_GT",
-    "MISSING_STATUS",
-    "MISSING_TIME",
-    "NA_TOKENS",
-    "NON_NUMERIC",
-    "NOT_IN_CATEGORIES",
-    "NOT_IN_CLINI",
-    "NO_FEATURES",
-    "NO_SLIDES",
-    "UNREADABLE",
-    "CohortData",
-    "FeatureType",
-    "Patient",
-    "Task",
-    "detect_feature_type",
-    "is_na",
-    "load_cohort",
-    "parse_status",
-    "read_table",
-    "safe_name",
-]
+from stamp.cohort.tables import cell_text, parse_status, read_table
 
 logger = logging.getLogger("stamp")
 
@@ -125,11 +92,11 @@ def _slide_files(
     owner: dict[Path, tuple[str, str]] = {}
     skipped = 0
     for pid_raw, name_raw in zip(df[patient_label], df[filename_label], strict=True):
-        pid, name = _cell(pid_raw), _cell(name_raw)
+        pid, name = cell_text(pid_raw), cell_text(name_raw)
         if pid is None or name is None:
             skipped += 1
             continue
-        path = _feature_path(feature_dir, name)
+        path = feature_path(feature_dir, name)
         if path in owner:
             raise ValueError(
                 f"{slide_table}: {filename_label} {name!r} (patient {pid}) is the same feature file as "
@@ -151,12 +118,12 @@ def _clini_rows(
     rows: dict[str, dict[str, str | None]] = {}
     dups: dict[str, int] = defaultdict(lambda: 1)
     for record in df.to_dict("records"):
-        pid = _cell(record[patient_label])
+        pid = cell_text(record[patient_label])
         if pid is None:
             continue
         if pid in rows:
             dups[pid] += 1
-        rows[pid] = {c: _cell(record[c]) for c in columns}
+        rows[pid] = {c: cell_text(record[c]) for c in columns}
     if dups:
         named = ", ".join(f"{p!r} ({n} rows)" for p, n in sorted(dups.items())[:5])
         raise ValueError(
@@ -252,8 +219,8 @@ def load_cohort(
     targets = _target_columns(task, ground_truth_label, time_label, status_label, require_targets)
     if clini_table is None and require_targets:
         raise ValueError(f"{task} training needs clini_table (the clinical table with the targets)")
-    scan = _scan(feature_dir)
-    feature_type = _feature_type(scan, feature_dir)
+    scan = scan_feature_dir(feature_dir)
+    feature_type = feature_type_of_scan(scan, feature_dir)
     logger.info("%s: %s features (%d h5 files)", feature_dir, feature_type, len(scan))
     if feature_type == "patient":
         files = {p.stem: [p] for p in scan if p.parent == feature_dir}
@@ -287,7 +254,7 @@ def load_cohort(
             continue
         present = [f for f in files[pid] if f in scan or f.is_file()]
         missing_slides += [f for f in files[pid] if f not in present]
-        probes = {f: scan.get(f) or _probe(f) for f in present}
+        probes = {f: scan.get(f) or probe_feature_file(f) for f in present}
         readable = [f for f in present if probes[f].feat_type is not None]
         usable = tuple(sorted(f for f in readable if probes[f].n > 0))
         if not usable:
@@ -327,7 +294,7 @@ def load_cohort(
         targets=targets,
         categories=cats,
         dropped={r: sorted(ids) for r, ids in dropped.items()},
-        feature_info=_feature_info([f for p in patients for f in p.feature_files], scan),
+        feature_info=feature_info([f for p in patients for f in p.feature_files], scan),
     )
 
 

@@ -2,7 +2,7 @@
 
 Tables (.csv / .tsv / .xlsx) are read with every cell as text; the tokens in :data:`NA_TOKENS` mean
 "missing" (:func:`is_na`). :func:`parse_status` reads a survival status column and :func:`safe_name`
-turns a label into a file-name part. Part of :mod:`stamp.cohort`, which re-exports the public names.
+turns a label into a file-name part. Part of :mod:`stamp.cohort`.
 """
 
 from __future__ import annotations
@@ -100,5 +100,5 @@ def read_table(path: str | os.PathLike[str], columns: Sequence[str], *, what: st
     return df[list(dict.fromkeys(columns))]
 
 
-def _cell(value: Any) -> str | None:
+def cell_text(value: Any) -> str | None:
     return None if is_na(value) else str(value).strip()
