@@ -110,6 +110,11 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--skip-demo", action="store_true")
     ap.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it")
+    ap.add_argument(
+        "--explicit-server",
+        action="store_true",
+        help="start `stamp server --background` before the warm rows (versions without the auto-started server)",
+    )
     args = ap.parse_args()
     from stamp.synthetic import write_cohort
 
@@ -153,6 +158,8 @@ def main() -> None:
 
         measure("preprocess 6 slides 256 µm, cold", cold_cfg, before=lambda i: _stop_server(env, root))
         _run([STAMP, "-v", "-c", str(warm_cfg), "preprocess"], env, root)  # leaves a server running
+        if args.explicit_server:
+            _run([STAMP, "server", "--background"], env, root)
 
         def warm_cfg_for(um: float):  # noqa: ANN202
             return lambda i: [
