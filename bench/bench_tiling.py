@@ -34,8 +34,9 @@ from pathlib import Path
 import numpy as np
 
 from stamp.slides import TilingParams, iter_tile_batches, open_slide, plan_tiles
-from stamp.slides.readers import TiffFileReader
-from stamp.slides.tiling import TilePlan, edge_fraction, stamp_cell_tiles
+from stamp.slides.reader_tifffile import TiffFileReader
+from stamp.slides.tile_reading import edge_fraction
+from stamp.slides.tiling import TilePlan, stamp_cell_tiles
 
 
 def ensure_slide(size: int, mpp: float, out: Path) -> Path:

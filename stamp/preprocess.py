@@ -58,7 +58,7 @@ from stamp.slides import (
     resolve_mpp,
 )
 from stamp.slides.qc import write_rejection_thumbnail, write_tissue_geojson
-from stamp.slides.readers import SlideReader
+from stamp.slides.reader_base import SlideReader
 from stamp.stopping import check_stop
 
 _PKG = Path(stamp.__file__).parent

@@ -17,7 +17,7 @@ from stamp.slides.qc import (
     write_rejection_thumbnail,
     write_tissue_geojson,
 )
-from stamp.slides.tiling import tile_slide
+from stamp.slides.tile_reading import tile_slide
 from stamp.synthetic import SlideSpec, SlideTruth, write_slide
 from tests.conftest import leftover_temps
 

@@ -157,12 +157,12 @@ def test_thumbnail_and_downsampled(files: dict[str, Path]) -> None:
 
 @pytest.mark.parametrize("key", ["stripped", "aperio"])
 def test_thumbnail_blockwise_path(files: dict[str, Path], monkeypatch: pytest.MonkeyPatch, key: str) -> None:
-    import stamp.slides.readers as readers
+    import stamp.slides.reader_base as reader_base
 
     with open_slide(files[key], reader="tifffile") as r:
         whole = r.downsampled(150, 100)
-        monkeypatch.setattr(readers, "_WHOLE_LEVEL_READ_PX", 1000)
-        monkeypatch.setattr(readers, "_BLOCK_PX", 256)
+        monkeypatch.setattr(reader_base, "WHOLE_LEVEL_READ_PX", 1000)
+        monkeypatch.setattr(reader_base, "BLOCK_PX", 256)
         blocks = r.downsampled(150, 100)
         assert np.abs(whole.astype(int) - blocks.astype(int)).mean() < 1.5
 

@@ -19,7 +19,8 @@ from stamp.slides import (
     plan_tiles,
     resolve_mpp,
 )
-from stamp.slides.tiling import choose_level, edge_fraction, stamp_cell_tiles, tile_slide
+from stamp.slides.tile_reading import edge_fraction, tile_slide
+from stamp.slides.tiling import choose_level, stamp_cell_tiles
 from stamp.synthetic import CohortInfo, SlideSpec, SlideTruth, write_cohort, write_slide
 from tests.test_slides_support import make_image, stamp_reference_tiles, write_aperio, write_stripped
 

@@ -14,23 +14,10 @@ one-line ``reason`` meant for the user.
 
 from stamp.slides.discovery import SLIDE_EXTENSIONS, find_slides
 from stamp.slides.mpp import MPPError, resolve_mpp
-from stamp.slides.readers import (
-    READER_NAMES,
-    SlideError,
-    SlideOpenError,
-    SlideReader,
-    SlideReadError,
-    open_slide,
-)
-from stamp.slides.tiling import (
-    TileBatch,
-    TileBatchIterator,
-    TilePlan,
-    TilingParams,
-    TilingStats,
-    iter_tile_batches,
-    plan_tiles,
-)
+from stamp.slides.reader_base import SlideError, SlideOpenError, SlideReader, SlideReadError
+from stamp.slides.readers import READER_NAMES, open_slide
+from stamp.slides.tile_reading import TileBatch, TileBatchIterator, TilingStats, iter_tile_batches
+from stamp.slides.tiling import TilePlan, TilingParams, plan_tiles
 
 __all__ = [
     "READER_NAMES",

@@ -24,7 +24,7 @@ import re
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 
-from stamp.slides.readers import SlideError, SlideReader
+from stamp.slides.reader_base import SlideError, SlideReader
 
 _logger = logging.getLogger("stamp")
 

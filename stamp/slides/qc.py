@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 
 from stamp.fileio import atomic_write_bytes
-from stamp.slides.readers import SlideReader
+from stamp.slides.reader_base import SlideReader
 from stamp.slides.tiling import TilePlan
 
 THUMBNAIL_MAX_SIZE = 512

@@ -1,8 +1,8 @@
 """Shared core of the slide readers: errors, the :class:`SlideReader` base class, pixel helpers.
 
 The concrete readers (:mod:`stamp.slides.reader_openslide`, :mod:`stamp.slides.reader_tifffile`)
-build on this module; :mod:`stamp.slides.readers` re-exports it and chooses a reader
-(``open_slide``). The reading conventions are documented there.
+build on this module; :mod:`stamp.slides.readers` chooses and opens a reader (``open_slide``).
+The reading conventions are documented there.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import cv2
 import numpy as np
 
 # A whole level is read in one call below this many pixels; above, thumbnails are built blockwise.
-_WHOLE_LEVEL_READ_PX = 16 * 2**20
-_BLOCK_PX = 2048
+WHOLE_LEVEL_READ_PX = 16 * 2**20
+BLOCK_PX = 2048
 
 
 class SlideError(Exception):
@@ -41,7 +41,7 @@ class SlideReadError(SlideError):
 # --------------------------------------------------------------------------- compositing helpers
 
 
-def _over_white(rgba: np.ndarray) -> np.ndarray:
+def over_white(rgba: np.ndarray) -> np.ndarray:
     """Composite straight (non-premultiplied) RGBA over white → RGB uint8 (contiguous)."""
     alpha = rgba[..., 3]
     rgb = rgba[..., :3]
@@ -52,7 +52,7 @@ def _over_white(rgba: np.ndarray) -> np.ndarray:
     return out.astype(np.uint8)
 
 
-def _premultiplied_bgra_over_white(bgra: np.ndarray) -> np.ndarray:
+def premultiplied_bgra_over_white(bgra: np.ndarray) -> np.ndarray:
     """OpenSlide's native buffer (premultiplied ARGB words = B, G, R, A bytes) over white → RGB.
 
     Over white, premultiplied colour c' = c·a/255 composites to c' + (255 − a): exact for any alpha.
@@ -64,7 +64,7 @@ def _premultiplied_bgra_over_white(bgra: np.ndarray) -> np.ndarray:
     return rgb
 
 
-def _to_rgb_uint8(arr: np.ndarray) -> np.ndarray:
+def to_rgb_uint8(arr: np.ndarray) -> np.ndarray:
     """Normalise a decoded (h, w[, s]) array of any common dtype to RGB uint8."""
     if arr.dtype == np.bool_:
         arr = arr.astype(np.uint8) * 255
@@ -83,7 +83,7 @@ def _to_rgb_uint8(arr: np.ndarray) -> np.ndarray:
     if samples == 3:
         return arr
     if samples == 4:
-        return _over_white(arr)
+        return over_white(arr)
     raise ValueError(f"unsupported number of samples per pixel: {samples}")
 
 
@@ -148,7 +148,7 @@ class SlideReader(abc.ABC):
             return cached[1]
         lw, lh = self.level_dimensions[level]
         img = self.read_region(0, 0, level, lw, lh)
-        if lw * lh <= _WHOLE_LEVEL_READ_PX:
+        if lw * lh <= WHOLE_LEVEL_READ_PX:
             img.setflags(write=False)  # shared with later callers
             self._level_cache = (level, img)
         return img
@@ -163,7 +163,7 @@ class SlideReader(abc.ABC):
         w0, h0 = self.dimensions
         level = self.level_for_downsample(min(w0 / width, h0 / height))
         lw, lh = self.level_dimensions[level]
-        if lw * lh <= _WHOLE_LEVEL_READ_PX:
+        if lw * lh <= WHOLE_LEVEL_READ_PX:
             img = self.whole_level(level)
         else:
             k = max(1, int(min(lw / width, lh / height)))
@@ -189,7 +189,7 @@ class SlideReader(abc.ABC):
 
     def _block_shape(self, level: int) -> tuple[int, int]:
         """Preferred (width, height) of blockwise reads of a level (see :meth:`downsampled`)."""
-        return _BLOCK_PX, _BLOCK_PX
+        return BLOCK_PX, BLOCK_PX
 
     def thumbnail(self, max_size: int) -> np.ndarray:
         """RGB thumbnail whose longer side is ``max_size`` (never larger than level 0)."""

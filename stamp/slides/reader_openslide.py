@@ -11,8 +11,8 @@ import numpy as np
 from stamp.slides.reader_base import (
     SlideReader,
     SlideReadError,
-    _over_white,
-    _premultiplied_bgra_over_white,
+    over_white,
+    premultiplied_bgra_over_white,
 )
 
 
@@ -49,11 +49,11 @@ class OpenSlideReader(SlideReader):
                 self._c_read(
                     self._handle, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32)), x, y, level, w, h
                 )
-                return _premultiplied_bgra_over_white(buf.view(np.uint8).reshape(h, w, 4))
+                return premultiplied_bgra_over_white(buf.view(np.uint8).reshape(h, w, 4))
             img = self._slide.read_region((x, y), level, (w, h))
         except self._openslide.OpenSlideError as e:
             raise SlideReadError(self.path, f"truncated/corrupt: OpenSlide failed to read pixels: {e}") from e
-        return _over_white(np.asarray(img))
+        return over_white(np.asarray(img))
 
     def _close(self) -> None:
         self._slide.close()

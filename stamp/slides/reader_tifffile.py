@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from stamp.slides import reader_base as _base
-from stamp.slides.reader_base import SlideReader, SlideReadError, _to_rgb_uint8
+from stamp.slides import reader_base
+from stamp.slides.reader_base import SlideReader, SlideReadError, to_rgb_uint8
 
 # Decoded-segment cache of the tifffile reader.
 _SEGMENT_CACHE_BYTES = 96 * 2**20
@@ -146,10 +146,10 @@ class TiffFileReader(SlideReader):
 
     def _block_shape(self, level: int) -> tuple[int, int]:
         lv = self._levels[level]
-        if lv.segmentable and lv.seg_w == lv.width and lv.width > _base._BLOCK_PX:
+        if lv.segmentable and lv.seg_w == lv.width and lv.width > reader_base.BLOCK_PX:
             # strips span the full width: read full-width bands so each strip is decoded once
-            return lv.width + 1, max(lv.seg_h, _base._BLOCK_PX * _base._BLOCK_PX // lv.width)
-        return _base._BLOCK_PX, _base._BLOCK_PX
+            return lv.width + 1, max(lv.seg_h, reader_base.BLOCK_PX * reader_base.BLOCK_PX // lv.width)
+        return reader_base.BLOCK_PX, reader_base.BLOCK_PX
 
     # ----------------------------------------------------------------- segments
     def _segment(self, level: int, index: int) -> np.ndarray | None:
@@ -183,7 +183,7 @@ class TiffFileReader(SlideReader):
                 raise SlideReadError(
                     self.path, f"truncated/corrupt: cannot decode segment {index}: {e}"
                 ) from e
-            seg = None if arr is None else _to_rgb_uint8(arr[0])
+            seg = None if arr is None else to_rgb_uint8(arr[0])
         with self._cache_lock:
             self._cache[key] = seg
             self._cache_bytes += 0 if seg is None else seg.nbytes
@@ -209,7 +209,7 @@ class TiffFileReader(SlideReader):
                         raise SlideReadError(self.path, f"truncated/corrupt: {e}") from e
                     if lv.axes not in ("YXS", "YX"):
                         raise SlideReadError(self.path, f"unsupported TIFF layout (axes {lv.axes!r})")
-                    lv.array = _to_rgb_uint8(arr)
+                    lv.array = to_rgb_uint8(arr)
         assert lv.array is not None
         return lv.array
 

@@ -18,79 +18,32 @@ Conventions shared by every reader:
   which measured 4-6x faster than OpenSlide here (same pixels). ``reader.name`` records what was
   used and ``reader.note`` why.
 
-Layout: this module is the front: it chooses and opens a reader and re-exports everything below.
-:mod:`~stamp.slides.reader_base` holds the errors, the :class:`SlideReader` base class and pixel
-helpers; :mod:`~stamp.slides.reader_openslide` and :mod:`~stamp.slides.reader_tifffile` the readers.
+Layout: this module chooses and opens a reader. :mod:`~stamp.slides.reader_base` holds the errors,
+the :class:`~stamp.slides.reader_base.SlideReader` base class and pixel helpers;
+:mod:`~stamp.slides.reader_openslide` and :mod:`~stamp.slides.reader_tifffile` the readers.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import sys
-import types
 from pathlib import Path
 from types import MappingProxyType
 from typing import Literal
 
 import numpy as np
 
-from stamp.slides import reader_base, reader_tifffile
-from stamp.slides.reader_base import SlideError, SlideOpenError, SlideReader, SlideReadError
+from stamp.slides.reader_base import SlideOpenError, SlideReader
 from stamp.slides.reader_openslide import OpenSlideReader
 from stamp.slides.reader_tifffile import TiffFileReader
 
-__all__ = [
-    "READER_NAMES",
-    "OpenSlideReader",
-    "ReaderName",
-    "SlideError",
-    "SlideOpenError",
-    "SlideReadError",
-    "SlideReader",
-    "TiffFileReader",
-    "check_tiff_integrity",
-    "open_slide",
-]
+__all__ = ["READER_NAMES", "ReaderName", "check_tiff_integrity", "open_slide"]
 
 _logger = logging.getLogger("stamp")
 
 ReaderName = Literal["auto", "openslide", "tifffile", "fast"]
 READER_NAMES: tuple[str, ...] = ("auto", "openslide", "tifffile", "fast")
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-
-# Private names of the former single module, re-exported for code and tests that reach them here.
-_over_white = reader_base._over_white
-_premultiplied_bgra_over_white = reader_base._premultiplied_bgra_over_white
-_to_rgb_uint8 = reader_base._to_rgb_uint8
-_Level = reader_tifffile._Level
-_WHOLE_LEVEL_READ_PX = reader_base._WHOLE_LEVEL_READ_PX
-_BLOCK_PX = reader_base._BLOCK_PX
-_SEGMENT_CACHE_BYTES = reader_tifffile._SEGMENT_CACHE_BYTES
-_MAX_WHOLE_LEVEL_BYTES = reader_tifffile._MAX_WHOLE_LEVEL_BYTES
-
-
-# Tunables that live in the modules using them, re-exported above. Assigning one here (e.g. a
-# test's ``monkeypatch.setattr(readers, "_BLOCK_PX", 256)``) also assigns it where it is used.
-_FORWARDED = {
-    "_WHOLE_LEVEL_READ_PX": reader_base,
-    "_BLOCK_PX": reader_base,
-    "_SEGMENT_CACHE_BYTES": reader_tifffile,
-    "_MAX_WHOLE_LEVEL_BYTES": reader_tifffile,
-}
-
-
-class _FrontModule(types.ModuleType):
-    """This module's type: forwards assignments of the :data:`_FORWARDED` tunables."""
-
-    def __setattr__(self, name: str, value: object) -> None:
-        owner = _FORWARDED.get(name)
-        if owner is not None:
-            setattr(owner, name, value)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _FrontModule
 
 
 # --------------------------------------------------------------------------- integrity + opening

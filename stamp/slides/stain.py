@@ -38,10 +38,12 @@ The tile sample is chosen by position in the given sequence (:func:`sample_indic
 tiles of a slide in a canonical order (e.g. sorted by their coordinates) to make the fitted
 parameters reproducible across runs, because tile reading order may be nondeterministic.
 
-Module layout: this module is the public front (:class:`StainNormalizer`, :func:`get_normalizer`,
-:func:`fit_slide_params` and re-exports of everything public); the implementations live in
-:mod:`stamp.slides.stain_macenko` and :mod:`stamp.slides.stain_reinhard`, which share
-:mod:`stamp.slides.stain_common` (types, reference targets, :class:`StainFitError`, sampling).
+Module layout: this module is the entry point (:class:`StainNormalizer`, :func:`get_normalizer`,
+:func:`fit_slide_params`); the implementations live in :mod:`stamp.slides.stain_macenko`
+(:class:`~stamp.slides.stain_macenko.MacenkoNormalizer`) and :mod:`stamp.slides.stain_reinhard`
+(:class:`~stamp.slides.stain_reinhard.ReinhardNormalizer`), which share
+:mod:`stamp.slides.stain_common` (types, reference targets,
+:class:`~stamp.slides.stain_common.StainFitError`, sampling).
 """
 
 from __future__ import annotations
@@ -52,55 +54,16 @@ from typing import Any, Final, Protocol, runtime_checkable
 
 import numpy as np
 
-# ``X as X`` imports: explicit re-exports of names that are not in ``__all__`` but were
-# module-level in this module before it was split (``stain._derive_reinhard_reference`` is
-# used by the tests).
-from stamp.slides.stain_common import (
-    DEFAULT_MAX_FIT_PIXELS as DEFAULT_MAX_FIT_PIXELS,
-)
 from stamp.slides.stain_common import (
     DEFAULT_MAX_FIT_TILES,
-    MACENKO_REFERENCE_MAX_CONCENTRATIONS,
-    MACENKO_REFERENCE_STAINS,
-    REINHARD_REFERENCE_MEAN,
-    REINHARD_REFERENCE_STD,
     SlideStainParams,
     StainFitError,
     TileInput,
-    sample_indices,
 )
-from stamp.slides.stain_common import (
-    DEFAULT_MIN_TISSUE_PIXELS as DEFAULT_MIN_TISSUE_PIXELS,
-)
-from stamp.slides.stain_common import PARAMS_VERSION as PARAMS_VERSION
 from stamp.slides.stain_macenko import MacenkoNormalizer
-from stamp.slides.stain_reinhard import (
-    REINHARD_BACKGROUND_RAMP as REINHARD_BACKGROUND_RAMP,
-)
-from stamp.slides.stain_reinhard import (
-    REINHARD_TISSUE_MAX_LIGHTNESS as REINHARD_TISSUE_MAX_LIGHTNESS,
-)
 from stamp.slides.stain_reinhard import ReinhardNormalizer
-from stamp.slides.stain_reinhard import (
-    _derive_reinhard_reference as _derive_reinhard_reference,
-)
 
-__all__ = [
-    "DEFAULT_MAX_FIT_TILES",
-    "MACENKO_REFERENCE_MAX_CONCENTRATIONS",
-    "MACENKO_REFERENCE_STAINS",
-    "REINHARD_REFERENCE_MEAN",
-    "REINHARD_REFERENCE_STD",
-    "STAIN_NORM_METHODS",
-    "MacenkoNormalizer",
-    "ReinhardNormalizer",
-    "SlideStainParams",
-    "StainFitError",
-    "StainNormalizer",
-    "fit_slide_params",
-    "get_normalizer",
-    "sample_indices",
-]
+__all__ = ["STAIN_NORM_METHODS", "StainNormalizer", "fit_slide_params", "get_normalizer"]
 
 _logger = logging.getLogger("stamp")
 

@@ -44,7 +44,7 @@ MACENKO_REFERENCE_MAX_CONCENTRATIONS: Final[tuple[float, float]] = (1.9705, 1.03
 # H and E concentrations are independent and exponentially distributed with their 99th
 # percentile at the reference maxima (a common shape of stain-concentration histograms),
 # measured on its tissue pixels (L* < REINHARD_TISSUE_MAX_LIGHTNESS) exactly like a slide is
-# measured in ReinhardNormalizer.fit. ``_derive_reinhard_reference()`` (in
+# measured in ReinhardNormalizer.fit. ``derive_reinhard_reference()`` (in
 # :mod:`stamp.slides.stain_reinhard`) recomputes them (the tests check it). The result (L* 65,
 # a* +19, b* -12) is a typical pink-purple H&E look; both bundled targets thus describe the
 # same reference appearance. Use ``fit_target(image)`` for a lab-specific target.

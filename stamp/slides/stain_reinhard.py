@@ -8,7 +8,7 @@ l-alpha-beta, as is usual for histology.
 
 The transform is RGB -> 8-bit CIELAB -> per-channel 256-entry LUT -> RGB (all integer paths in
 OpenCV), then an integer blend with the original towards white background, so the output bytes
-are identical however the tiles are batched or chunked. ``_derive_reinhard_reference``
+are identical however the tiles are batched or chunked. ``derive_reinhard_reference``
 recomputes the bundled target (``REINHARD_REFERENCE_MEAN`` / ``_STD``) from the Macenko
 reference.
 """
@@ -196,7 +196,7 @@ class ReinhardNormalizer:
         return out.reshape(batch.shape)
 
 
-def _derive_reinhard_reference(n: int = 400) -> tuple[np.ndarray, np.ndarray]:
+def derive_reinhard_reference(n: int = 400) -> tuple[np.ndarray, np.ndarray]:
     """Recompute REINHARD_REFERENCE_MEAN/STD from the Macenko reference (see the constants)."""
     u = (np.arange(n) + 0.5) / n
     q = -np.log1p(-u) / math.log(100.0)  # exponential quantiles, 99th percentile -> 1

@@ -1,8 +1,8 @@
 """Read the tiles of a :class:`~stamp.slides.tiling.TilePlan`: supertile reads in a bounded thread pool.
 
 The plan (grid, read level, stage-1 tissue decision, supertile groups) comes from
-:mod:`stamp.slides.tiling`, which also documents the geometry contract and re-exports every name
-defined here. This module does the reading side:
+:mod:`stamp.slides.tiling`, which also documents the geometry contract. This module does the
+reading side:
 
 * **Reads.** Only the bounding box of a group's candidate tiles is read, at the plan's level, with
   the window rounded to whole pixels of that level, then resized to ``tile_size_px`` per tile with
@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Generator, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 
 import cv2
 import numpy as np
 
-from stamp.slides.readers import SlideReader
+from stamp.slides.reader_base import SlideReader
 from stamp.slides.tiling import TilePlan, TilingParams, plan_tiles
 
 CANNY_THRESHOLDS = (40, 100)
@@ -140,19 +140,6 @@ def read_supertile(
     )
 
 
-_READ_SUPERTILE = read_supertile  # the original, to tell whether a patch replaced it
-
-
-def _supertile_reader() -> Callable[
-    [SlideReader, TilePlan, tuple[int, int, int, int], float | None], _GroupResult
-]:
-    """``read_supertile`` as bound now, so a patch on this module or on :mod:`stamp.slides.tiling` wins."""
-    from stamp.slides import tiling  # at call time: tiling re-exports this module's names
-
-    legacy = tiling.read_supertile
-    return legacy if legacy is not _READ_SUPERTILE else read_supertile
-
-
 class TileBatchIterator(Iterator[TileBatch]):
     """Iterator of :class:`TileBatch` with :attr:`stats`; closing it stops the reader threads."""
 
@@ -193,7 +180,7 @@ class TileBatchIterator(Iterator[TileBatch]):
         def submit_next() -> None:
             group = next(groups, None)
             if group is not None:
-                inflight.append(executor.submit(_supertile_reader(), self.reader, self.plan, group, canny))
+                inflight.append(executor.submit(read_supertile, self.reader, self.plan, group, canny))
 
         def take() -> Future[_GroupResult]:
             if self.ordered:

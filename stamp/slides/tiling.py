@@ -1,8 +1,7 @@
 """Plan the tiling of a slide: the tile grid, the read level, the tissue decision and supertile groups.
 
 Reading the planned tiles (supertile reads in a bounded thread pool, Canny stage 2) lives in
-:mod:`stamp.slides.tile_reading`; its names are re-exported here, so ``stamp.slides.tiling`` keeps
-its full public surface.
+:mod:`stamp.slides.tile_reading`, which imports the plan types from here (never the other way round).
 
 Geometry (documented contract):
 
@@ -22,7 +21,7 @@ Geometry (documented contract):
   forces one (0 = STAMP, which always reads level 0). Read windows are rounded to whole pixels of
   that level (≤ 0.5 px, i.e. ≤ 0.5 output px, misregistration) and resized with ``cv2.INTER_AREA``
   for reductions ≥ 1.5×, ``INTER_LINEAR`` for milder ones and for upsampling
-  (:func:`resize_interpolation`).
+  (:func:`~stamp.slides.tile_reading.resize_interpolation`).
 * **mpp_effective.** The finest detail the delivered tiles actually carry, in µm/px: the realised
   spacing of the tile pixels (read window × level mpp / output px, = ``mpp_requested`` up to
   whole-pixel rounding of the window), or the read level's own mpp when that is coarser (a slide
@@ -50,7 +49,7 @@ from typing import Literal
 
 import numpy as np
 
-from stamp.slides.readers import SlideReader
+from stamp.slides.reader_base import SlideReader
 from stamp.slides.tissue import otsu_tissue_mask, stamp_brightness_cells, tile_tissue_fraction
 
 _logger = logging.getLogger("stamp")
@@ -288,22 +287,3 @@ def plan_tiles(reader: SlideReader, mpp: float, params: TilingParams) -> TilePla
         tissue_mask=tissue_mask,
         reader=reader.name,
     )
-
-
-# --------------------------------------------------------------------------- reading (re-exported)
-# Imported after this module's own definitions, because tile_reading imports the plan types from here.
-
-from stamp.slides.tile_reading import (  # noqa: E402, F401
-    AREA_MIN_FACTOR,
-    CANNY_THRESHOLDS,
-    TileBatch,
-    TileBatchIterator,
-    TilingStats,
-    _edge_fraction_gray,
-    _GroupResult,
-    edge_fraction,
-    iter_tile_batches,
-    read_supertile,
-    resize_interpolation,
-    tile_slide,
-)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from stamp.slides.readers import SlideReader
+from stamp.slides.reader_base import SlideReader
 
 _WHOLE_LEVEL_PX = 16 * 2**20
 
