@@ -31,7 +31,7 @@ def main() -> None:
 
     from prefect.testing.utilities import prefect_test_harness
 
-    from stamp.config import AdvancedConfig, CrossvalConfig, PreprocessingConfig
+    from stamp.config_models import AdvancedConfig, CrossvalConfig, PreprocessingConfig
     from stamp.synthetic import write_cohort
 
     root = args.out or Path(tempfile.mkdtemp(prefix="stamp-cv-"))

@@ -28,7 +28,8 @@ from typing import Any, cast
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from stamp.config import StampConfig, load_config
+from stamp.config import load_config
+from stamp.config_models import StampConfig
 from stamp.confinement import check_tables, enforced, load_snapshot
 from stamp.escaping import markdown_cell, markdown_code
 from stamp.logs import logger
@@ -80,7 +81,7 @@ def stage_parameters(stage: str, cfg: StampConfig) -> dict[str, Any]:
     """The stage flow's parameters (JSON only: they also travel to deployments)."""
     section = getattr(cfg, STAGE_SECTIONS[stage]).model_dump(mode="json")
     if stage in ("crossval", "train"):
-        from stamp.config import AdvancedConfig
+        from stamp.config_models import AdvancedConfig
 
         advanced = (cfg.advanced_config or AdvancedConfig()).model_dump(mode="json")
         return {"section": section, "advanced": advanced}

@@ -19,7 +19,8 @@ import yaml
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from stamp.config import PreprocessingConfig, dump_config, load_config
+from stamp.config import dump_config, load_config
+from stamp.config_models import PreprocessingConfig
 from stamp.fileio import atomic_path
 from stamp.logs import logger
 from stamp.synthetic import load_cohort

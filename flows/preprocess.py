@@ -22,7 +22,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import PrefectFuture, as_completed
 from tqdm import tqdm
 
-from stamp.config import PreprocessingConfig, resolve_device
+from stamp.config_models import PreprocessingConfig, resolve_device
 from stamp.encoders import encoder_weights_digest, get_spec
 from stamp.escaping import markdown_cell, markdown_code
 from stamp.fileio import atomic_write_text, sweep_temps

@@ -22,8 +22,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import PrefectFuture
 
-from stamp.config import resolve_device
-from stamp.config_models import HeatmapsConfig, StatisticsConfig
+from stamp.config_models import HeatmapsConfig, StatisticsConfig, resolve_device
 from stamp.escaping import markdown_cell, markdown_code
 from stamp.fileio import sweep_temps
 from stamp.logs import logger

@@ -38,7 +38,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def _advanced(cfg):  # noqa: ANN001, ANN202
-    from stamp.config import AdvancedConfig
+    from stamp.config_models import AdvancedConfig
 
     return (cfg.advanced_config or AdvancedConfig()).model_dump(mode="json")
 

@@ -1,7 +1,7 @@
 """Load, validate and print STAMP's ``config.yaml``.
 
-The schema (one pydantic model per section) lives in :mod:`stamp.config_models`; this module
-reads YAML, turns validation failures into one-line messages that name the file and the
+The schema (one pydantic model per section) lives in :mod:`stamp.config_models` (import the
+models from there; this module does not re-export them); this module reads YAML, turns validation failures into one-line messages that name the file and the
 dotted ``section.key``, writes the packaged commented template and dumps a validated config
 back to YAML. It imports neither torch nor prefect.
 """
@@ -24,12 +24,9 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 
-from stamp.config_models import *  # noqa: F403  (re-export the schema)
 from stamp.config_models import StampConfig
-from stamp.config_models import __all__ as _models_all
 
 __all__ = [
-    *_models_all,
     "COMMAND_SECTIONS",
     "ConfigError",
     "dump_config",

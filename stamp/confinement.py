@@ -40,8 +40,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from stamp.config import MAX_CONFIG_BYTES, ConfigError, StampConfig, parse_config
-from stamp.config_models import OrchestrationConfig
+from stamp.config import MAX_CONFIG_BYTES, ConfigError, parse_config
+from stamp.config_models import OrchestrationConfig, StampConfig
 
 __all__ = [
     "OUTPUT_KEYS",

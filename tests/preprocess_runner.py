@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import stamp.preprocess as stage_module
-from stamp.config import PreprocessingConfig
+from stamp.config_models import PreprocessingConfig
 from stamp_flows.preprocess import run_preprocess
 
 

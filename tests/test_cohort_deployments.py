@@ -21,7 +21,8 @@ from uuid import UUID
 import pytest
 import yaml
 
-from stamp.config import StampConfig, load_config
+from stamp.config import load_config
+from stamp.config_models import StampConfig
 from stamp_flows import cohort as cohort_mod
 from stamp_flows.cohort import stage_parameters, stage_plan
 from tests.conftest import REPO_ROOT

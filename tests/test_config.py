@@ -16,18 +16,15 @@ from pydantic import BaseModel
 import stamp.config_models as models
 from stamp.config import (
     COMMAND_SECTIONS,
-    STAGE_NAMES,
     ConfigError,
-    StampConfig,
     dump_config,
     load_config,
     require_section,
-    resolve_accelerator,
-    resolve_device,
     section_yaml,
     template_text,
     write_template,
 )
+from stamp.config_models import STAGE_NAMES, StampConfig, resolve_accelerator, resolve_device
 
 STAMP_CONFIG = Path(__file__).parent / "data" / "stamp_2_5_config.yaml"
 

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-from stamp.config import ConfigError, StampConfig, load_config
+from stamp.config import ConfigError, load_config
+from stamp.config_models import StampConfig
 from stamp.confinement import Confinement, check_tables, confine_config, enforced
 from stamp.slides.discovery import find_slides
 

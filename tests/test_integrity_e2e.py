@@ -133,7 +133,7 @@ def _pad(path: Path, size: int) -> None:
 
 
 def test_preprocess_detects_a_rewrite_that_keeps_size_and_mtime(tmp_path: Path) -> None:
-    from stamp.config import PreprocessingConfig
+    from stamp.config_models import PreprocessingConfig
     from stamp.features import read_features
     from stamp.hashing import file_sha256
     from stamp_flows.preprocess import run_preprocess

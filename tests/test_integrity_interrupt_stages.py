@@ -25,7 +25,7 @@ SIGNALS = pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=[
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Synthetic slides with demo features (preprocessed in-process) and their tables."""
-    from stamp.config import PreprocessingConfig
+    from stamp.config_models import PreprocessingConfig
     from stamp_flows.preprocess import run_preprocess
 
     root = tmp_path_factory.mktemp("stages")

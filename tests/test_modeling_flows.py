@@ -43,7 +43,7 @@ def _artifact(key: str) -> list:
 
 
 def test_crossval_flow_caches_folds_and_publishes_metrics(tiny: Tiny, tmp_path: Path) -> None:
-    from stamp.config import CrossvalConfig
+    from stamp.config_models import CrossvalConfig
     from stamp_flows.modeling import run_crossval_flow
 
     sec = CrossvalConfig(output_dir=tmp_path / "cv", ground_truth_label=LABEL, n_splits=3, **_tables(tiny))

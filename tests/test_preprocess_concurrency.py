@@ -70,7 +70,7 @@ def test_two_runs_share_the_work(slides: Path, tmp_path: Path, prefect_api: str)
 
 @pytest.mark.timeout(600)
 def test_kill_9_then_rerun_finishes_only_the_rest(slides: Path, tmp_path: Path, prefect_api: str) -> None:
-    from stamp.config import PreprocessingConfig
+    from stamp.config_models import PreprocessingConfig
     from stamp_flows.preprocess import run_preprocess
 
     out = tmp_path / "features"

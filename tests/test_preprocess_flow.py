@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from stamp.config import PreprocessingConfig
+from stamp.config_models import PreprocessingConfig
 from stamp.synthetic import SlideTruth, write_cohort
 
 pytestmark = pytest.mark.usefixtures("prefect_api")

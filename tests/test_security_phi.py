@@ -14,7 +14,7 @@ from uuid import UUID
 
 import pytest
 
-from stamp.config import PreprocessingConfig
+from stamp.config_models import PreprocessingConfig
 from stamp.synthetic import write_cohort
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
