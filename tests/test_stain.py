@@ -290,7 +290,7 @@ def test_transform_is_tile_independent(
     order = np.random.default_rng(0).permutation(len(shifted_tiles))
     assert norm.transform(shifted_tiles[order], params).tobytes() == batch[order].tobytes()
     # chunking inside transform does not matter either (odd chunk size, boundaries mid-tile)
-    monkeypatch.setattr(stain_common, "_CHUNK_PIXELS", 1_001)
+    monkeypatch.setattr(stain_common, "CHUNK_PIXELS", 1_001)
     assert norm.transform(shifted_tiles, params).tobytes() == batch.tobytes()
     # odd tile sizes
     odd = shifted_tiles[:3, :37, :53]

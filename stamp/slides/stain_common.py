@@ -64,11 +64,11 @@ DEFAULT_MIN_TISSUE_PIXELS: Final = 5_000
 # beyond the slide are padded black) and ignored when fitting.
 _BLACK_MAX: Final = 5
 
-_I0: Final = 255.0  # transmitted (background) light intensity for 8-bit images
+I0: Final = 255.0  # transmitted (background) light intensity for 8-bit images
 # Transforms work on chunks of this many pixels (measured fastest). Not Final: the
-# implementations read it at call time as ``stain_common._CHUNK_PIXELS``, so tests can
+# implementations read it at call time as ``stain_common.CHUNK_PIXELS``, so tests can
 # monkeypatch it here to check that chunking does not change the output.
-_CHUNK_PIXELS = 1 << 18
+CHUNK_PIXELS = 1 << 18
 
 
 class StainFitError(ValueError):
@@ -104,7 +104,7 @@ def _check_rgb_uint8(arr: np.ndarray, what: str) -> None:
         raise ValueError(f"{what} must have shape (..., H, W, 3), got {arr.shape}")
 
 
-def _sample_pixels(
+def sample_pixels(
     tiles: TileInput, max_tiles: int, max_pixels: int = DEFAULT_MAX_FIT_PIXELS
 ) -> tuple[np.ndarray, int]:
     """(P, 3) uint8 pixels from a deterministic sample of the tiles, and the number of tiles."""
@@ -131,28 +131,31 @@ def _sample_pixels(
     return np.ascontiguousarray(pixels), len(chosen)
 
 
-def _not_black(pixels: np.ndarray) -> np.ndarray:
+def not_black(pixels: np.ndarray) -> np.ndarray:
+    """Mask of the (P, 3) pixels that are not black padding (any channel above ``_BLACK_MAX``)."""
     return pixels.max(axis=1) > _BLACK_MAX
 
 
-def _as_batch(tiles: np.ndarray) -> np.ndarray:
+def as_rgb_batch(tiles: np.ndarray) -> np.ndarray:
+    """``tiles`` as a contiguous uint8 RGB array; TypeError / ValueError otherwise."""
     tiles = np.asarray(tiles)
     _check_rgb_uint8(tiles, "tiles")
     return np.ascontiguousarray(tiles)
 
 
-def _floats(x: Any) -> list[Any]:
+def json_floats(x: Any) -> list[Any]:
     """Nested python floats (JSON-safe, exact repr) from an array-like."""
     return np.asarray(x, dtype=np.float64).tolist()
 
 
-def _check_method(params: Mapping[str, Any], name: str) -> None:
+def check_method(params: Mapping[str, Any], name: str) -> None:
+    """ValueError unless ``params`` were fitted by the normaliser ``name``."""
     method = params.get("method")
     if method != name:
         raise ValueError(f"params are for stain normaliser {method!r}, not {name!r}")
 
 
-def _rgb_to_lab8(pixels: np.ndarray) -> np.ndarray:
+def rgb_to_lab8(pixels: np.ndarray) -> np.ndarray:
     """(..., 3) uint8 RGB -> (..., 3) uint8 OpenCV Lab (L8 = L* * 2.55, a8 = a* + 128, ...)."""
     flat = pixels.reshape(-1, 1, 3)
     return cv2.cvtColor(flat, cv2.COLOR_RGB2LAB).reshape(pixels.shape)

@@ -28,21 +28,21 @@ import numpy as np
 
 from stamp.slides import stain_common
 from stamp.slides.stain_common import (
-    _I0,
     DEFAULT_MAX_FIT_TILES,
     DEFAULT_MIN_TISSUE_PIXELS,
+    I0,
     MACENKO_REFERENCE_MAX_CONCENTRATIONS,
     MACENKO_REFERENCE_STAINS,
     PARAMS_VERSION,
     SlideStainParams,
     StainFitError,
     TileInput,
-    _as_batch,
-    _check_method,
-    _floats,
-    _not_black,
-    _rgb_to_lab8,
-    _sample_pixels,
+    as_rgb_batch,
+    check_method,
+    json_floats,
+    not_black,
+    rgb_to_lab8,
+    sample_pixels,
 )
 
 __all__ = ["MacenkoNormalizer"]
@@ -52,8 +52,8 @@ _MAX_EXPONENT: Final = 200.0  # |M_cj * OD| bound: 3 * 200 + ln(255) < 709, floa
 
 def _od_lut(brightness_scale: float = 1.0) -> np.ndarray:
     """Optical density of each 8-bit intensity (natural log, I0 = 255; 0 treated as 1)."""
-    v = np.clip(np.arange(256, dtype=np.float64) * brightness_scale, 1.0, _I0)
-    return np.log(_I0 / v)
+    v = np.clip(np.arange(256, dtype=np.float64) * brightness_scale, 1.0, I0)
+    return np.log(I0 / v)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,12 +112,12 @@ class MacenkoNormalizer:
 
     def _estimate(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, int]:
         """Stain matrix (2, 3; H first), pseudo-max concentrations (2,), brightness scale, n."""
-        valid = pixels[_not_black(pixels)]
+        valid = pixels[not_black(pixels)]
         scale = 1.0
         if self.luminosity_percentile is not None and len(valid):
-            lum = _rgb_to_lab8(valid)[:, 0]
+            lum = rgb_to_lab8(valid)[:, 0]
             p = float(np.percentile(lum, self.luminosity_percentile))
-            scale = max(1.0, _I0 / max(p, 1.0))
+            scale = max(1.0, I0 / max(p, 1.0))
         od = _od_lut(scale).astype(np.float64)[valid]  # (P, 3)
         tissue = od[np.all(od >= self.beta, axis=1)]
         n = len(tissue)
@@ -158,13 +158,13 @@ class MacenkoNormalizer:
         return stains, max_conc, scale, n
 
     def fit(self, tiles: TileInput, *, max_tiles: int = DEFAULT_MAX_FIT_TILES) -> SlideStainParams:
-        pixels, n_tiles = _sample_pixels(tiles, max_tiles)
+        pixels, n_tiles = sample_pixels(tiles, max_tiles)
         stains, max_conc, scale, n = self._estimate(pixels)
         return {
             "method": self.name,
             "version": PARAMS_VERSION,
-            "stain_matrix": _floats(stains),
-            "max_concentrations": _floats(max_conc),
+            "stain_matrix": json_floats(stains),
+            "max_concentrations": json_floats(max_conc),
             "brightness_scale": float(scale),
             "target_stain_matrix": [list(r) for r in self.stains],
             "target_max_concentrations": list(self.max_concentrations),
@@ -177,7 +177,7 @@ class MacenkoNormalizer:
         }
 
     def fit_target(self, image: TileInput) -> MacenkoNormalizer:
-        pixels, _ = _sample_pixels(image, max_tiles=1 << 30)
+        pixels, _ = sample_pixels(image, max_tiles=1 << 30)
         stains, max_conc, _, _ = dataclasses.replace(self, luminosity_percentile=None)._estimate(pixels)
         return dataclasses.replace(
             self,
@@ -206,16 +206,16 @@ class MacenkoNormalizer:
         # exponent table (256, c, j) = -OD(v) * M[c, j]; clipped only if |M| > 36 (pathological)
         expo = np.clip(-od[:, None, None] * m[None, :, :], -_MAX_EXPONENT, _MAX_EXPONENT)
         fac = np.exp(expo)
-        fac[:, 0, :] *= _I0  # fold I0 into the red-channel factor
+        fac[:, 0, :] *= I0  # fold I0 into the red-channel factor
         return [np.ascontiguousarray(fac[:, :, j], dtype=np.float64).reshape(256, 1, 3) for j in range(3)]
 
     def transform(self, tiles: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
-        _check_method(params, self.name)
-        batch = _as_batch(tiles)
+        check_method(params, self.name)
+        batch = as_rgb_batch(tiles)
         luts = self._luts(params)
         flat = batch.reshape(-1, 3)
         out = np.empty_like(flat)
-        chunk = stain_common._CHUNK_PIXELS  # module attribute: tests monkeypatch it
+        chunk = stain_common.CHUNK_PIXELS  # module attribute: tests monkeypatch it
         buf = np.empty((min(len(flat), chunk), 3), dtype=np.float64)
         for s in range(0, len(flat), chunk):
             x = flat[s : s + chunk].reshape(-1, 1, 3)

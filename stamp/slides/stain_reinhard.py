@@ -25,9 +25,9 @@ import numpy as np
 
 from stamp.slides import stain_common
 from stamp.slides.stain_common import (
-    _I0,
     DEFAULT_MAX_FIT_TILES,
     DEFAULT_MIN_TISSUE_PIXELS,
+    I0,
     MACENKO_REFERENCE_MAX_CONCENTRATIONS,
     MACENKO_REFERENCE_STAINS,
     PARAMS_VERSION,
@@ -36,12 +36,12 @@ from stamp.slides.stain_common import (
     SlideStainParams,
     StainFitError,
     TileInput,
-    _as_batch,
-    _check_method,
-    _floats,
-    _not_black,
-    _rgb_to_lab8,
-    _sample_pixels,
+    as_rgb_batch,
+    check_method,
+    json_floats,
+    not_black,
+    rgb_to_lab8,
+    sample_pixels,
 )
 
 __all__ = [
@@ -59,11 +59,11 @@ REINHARD_BACKGROUND_RAMP: Final[tuple[float, float]] = (85.0, 95.0)
 
 def _lab_stats(pixels: np.ndarray, max_lightness: float) -> tuple[np.ndarray, np.ndarray, int]:
     """Mean and std (float CIELAB units) of the tissue pixels of (P, 3) uint8 RGB pixels."""
-    lab8 = _rgb_to_lab8(pixels)
+    lab8 = rgb_to_lab8(pixels)
     lab = lab8.astype(np.float64)
     lab[:, 0] *= 100.0 / 255.0
     lab[:, 1:] -= 128.0
-    tissue = (lab[:, 0] < max_lightness) & _not_black(pixels)
+    tissue = (lab[:, 0] < max_lightness) & not_black(pixels)
     n = int(tissue.sum())
     if n == 0:
         return np.zeros(3), np.zeros(3), 0
@@ -123,13 +123,13 @@ class ReinhardNormalizer:
         return mean, std, n
 
     def fit(self, tiles: TileInput, *, max_tiles: int = DEFAULT_MAX_FIT_TILES) -> SlideStainParams:
-        pixels, n_tiles = _sample_pixels(tiles, max_tiles)
+        pixels, n_tiles = sample_pixels(tiles, max_tiles)
         mean, std, n = self._stats(pixels)
         return {
             "method": self.name,
             "version": PARAMS_VERSION,
-            "lab_mean": _floats(mean),
-            "lab_std": _floats(std),
+            "lab_mean": json_floats(mean),
+            "lab_std": json_floats(std),
             "target_lab_mean": list(self.mean),
             "target_lab_std": list(self.std),
             "background_ramp": list(self.background_ramp),
@@ -140,7 +140,7 @@ class ReinhardNormalizer:
         }
 
     def fit_target(self, image: TileInput) -> ReinhardNormalizer:
-        pixels, _ = _sample_pixels(image, max_tiles=1 << 30)
+        pixels, _ = sample_pixels(image, max_tiles=1 << 30)
         mean, std, _ = self._stats(pixels)
         return dataclasses.replace(
             self,
@@ -170,13 +170,13 @@ class ReinhardNormalizer:
         return lut, weights
 
     def transform(self, tiles: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
-        _check_method(params, self.name)
-        batch = _as_batch(tiles)
+        check_method(params, self.name)
+        batch = as_rgb_batch(tiles)
         lut, weights = self._luts(params)
         w_lut = weights.reshape(256, 1)
         flat = batch.reshape(-1, 3)
         out = np.empty_like(flat)
-        chunk = stain_common._CHUNK_PIXELS  # module attribute: tests monkeypatch it
+        chunk = stain_common.CHUNK_PIXELS  # module attribute: tests monkeypatch it
         for s in range(0, len(flat), chunk):
             x = flat[s : s + chunk].reshape(-1, 1, 3)
             lab = cv2.cvtColor(x, cv2.COLOR_RGB2LAB)
@@ -204,6 +204,6 @@ def derive_reinhard_reference(n: int = 400) -> tuple[np.ndarray, np.ndarray]:
         q * MACENKO_REFERENCE_MAX_CONCENTRATIONS[0], q * MACENKO_REFERENCE_MAX_CONCENTRATIONS[1]
     )
     od = np.stack([c_h.ravel(), c_e.ravel()], axis=1) @ np.asarray(MACENKO_REFERENCE_STAINS)
-    rgb = np.clip(np.floor(_I0 * np.exp(-od) + 0.5), 0, 255).astype(np.uint8)
+    rgb = np.clip(np.floor(I0 * np.exp(-od) + 0.5), 0, 255).astype(np.uint8)
     mean, std, _ = _lab_stats(rgb, REINHARD_TISSUE_MAX_LIGHTNESS)
     return mean, std
