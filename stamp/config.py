@@ -1,9 +1,10 @@
 """Load, validate and print STAMP's ``config.yaml``.
 
 The schema (one pydantic model per section) lives in :mod:`stamp.config_models` (import the
-models from there; this module does not re-export them); this module reads YAML, turns validation failures into one-line messages that name the file and the
-dotted ``section.key``, writes the packaged commented template and dumps a validated config
-back to YAML. It imports neither torch nor prefect.
+models from there; this module does not re-export them). This module reads YAML, turns
+validation failures into one-line messages that name the file and the dotted ``section.key``,
+writes the packaged commented template and dumps a validated config back to YAML. It imports
+neither torch nor prefect.
 """
 
 from __future__ import annotations
