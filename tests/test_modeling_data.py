@@ -176,15 +176,25 @@ def test_padding_and_mask(tmp_path: Path) -> None:
     assert idx.tolist() == [1, 0] and mask.dtype == torch.bool
 
 
-def test_cache_keeps_bags_in_memory(tmp_path: Path) -> None:
+def test_bags_are_read_once_per_process_and_again_when_the_file_changes(tmp_path: Path) -> None:
+    from stamp.modeling.data import BagStore, bag_store
+
     patients = _patients(tmp_path, [5])
+    store = bag_store()
     cached, uncached = BagDataset(patients, bag_size=None, seed=0), BagDataset(patients, None, 0, cache=False)
-    cached[0], uncached[0]
+    before = store.reads
+    cached[0], cached[0], BagDataset(patients, None, 0)[0]
+    assert store.reads == before + 1  # every cached dataset in this process shares the bag
+    assert cached[0][0].dtype == torch.float32
+    _numbered(patients[0].feature_files[0], 7, start=0)  # rewritten: another identity, read again
+    assert cached[0][2] == 7 and store.reads == before + 2
+    tiny = BagStore(max_bytes=0)  # a bag larger than the budget is served, not kept
+    assert tiny.get(patients[0].feature_files)[0].shape == (7, 4)
+    assert tiny.fits([patients[0].feature_files]) is False
+    assert BagStore().fits([patients[0].feature_files]) is True
     patients[0].feature_files[0].unlink()
-    assert cached[0][2] == 5
     with pytest.raises(Exception, match="P0.h5"):
         uncached[0]
-    assert len(BagDataset(patients, None, 0, cache_max_bytes=0)._cache) == 0
 
 
 def test_iter_bag_chunks() -> None:

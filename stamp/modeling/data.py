@@ -11,8 +11,12 @@ so persistent workers see it too).
 
 from __future__ import annotations
 
+import os
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,7 +49,9 @@ def _load(files: Sequence[Path]) -> tuple[np.ndarray, np.ndarray, str]:
         kinds.add(f.feat_type)
         if len(kinds) > 1:
             raise FeatureFileError(f"{path}: {f.feat_type} features mixed with {sorted(kinds)} in one bag")
-        x = np.asarray(f.feats, dtype=np.float32)
+        x = np.asarray(f.feats)
+        if x.dtype not in (np.float16, np.float32):
+            x = x.astype(np.float32)
         if feats and x.shape[1] != feats[0].shape[1]:
             raise FeatureFileError(
                 f"{path}: feature dim {x.shape[1]} differs from {feats[0].shape[1]} ({files[0]})"
@@ -62,14 +68,94 @@ def _load(files: Sequence[Path]) -> tuple[np.ndarray, np.ndarray, str]:
         coords.append(c)
     (kind,) = kinds
     if kind != "tile":
-        return np.mean(np.concatenate(feats), axis=0, keepdims=True), np.zeros((1, 2), np.float32), kind
+        joined = np.concatenate([x.astype(np.float32) for x in feats])
+        return np.mean(joined, axis=0, keepdims=True), np.zeros((1, 2), np.float32), kind
+    if len({x.dtype for x in feats}) > 1:
+        feats = [x.astype(np.float32) for x in feats]
     return np.concatenate(feats), np.concatenate(coords), kind
+
+
+def _file_key(path: Path) -> tuple[str, int, int, int, int]:
+    st = os.stat(path)
+    return (os.fspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _default_budget() -> int:
+    env = os.environ.get("STAMP_BAG_CACHE_BYTES")
+    if env:
+        return max(0, int(env))
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        memory = 8 << 30
+    return int(min(8 << 30, memory // 4))
+
+
+class BagStore:
+    """Process-wide LRU cache of bags (feats as stored, coords, feature type), bounded in bytes.
+
+    Thread-safe; a bag larger than the whole budget is returned without being kept.
+    """
+
+    def __init__(self, max_bytes: int | None = None) -> None:
+        self.max_bytes = _default_budget() if max_bytes is None else max_bytes
+        self._bags: OrderedDict[tuple[Any, ...], tuple[np.ndarray, np.ndarray, str]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.reads = 0  # bags read from disk (for tests and benchmarks)
+
+    def get(self, files: Sequence[Path]) -> tuple[np.ndarray, np.ndarray, str]:
+        """The bag of ``files`` (see :func:`load_bag`), from memory when this process read it before."""
+        key = tuple(_file_key(Path(f)) for f in files)
+        with self._lock:
+            bag = self._bags.get(key)
+            if bag is not None:
+                self._bags.move_to_end(key)
+                return bag
+        bag = _load(files)
+        size = bag[0].nbytes + bag[1].nbytes
+        with self._lock:
+            self.reads += 1
+            if size <= self.max_bytes and key not in self._bags:
+                self._bags[key] = bag
+                self._bytes += size
+                while self._bytes > self.max_bytes:
+                    _, old = self._bags.popitem(last=False)
+                    self._bytes -= old[0].nbytes + old[1].nbytes
+        return bag
+
+    def fits(self, files: Sequence[Sequence[Path]]) -> bool:
+        """Load every bag of ``files``; whether all of them are now held in memory together."""
+        keys = []
+        for f in files:
+            self.get(f)
+            keys.append(tuple(_file_key(Path(x)) for x in f))
+        with self._lock:
+            return all(k in self._bags for k in keys)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._bags.clear()
+            self._bytes = 0
+
+
+_STORE: BagStore | None = None
+_STORE_LOCK = threading.Lock()
+
+
+def bag_store() -> BagStore:
+    """The process-wide :class:`BagStore`."""
+    global _STORE
+    with _STORE_LOCK:
+        if _STORE is None:
+            _STORE = BagStore()
+        return _STORE
 
 
 def load_bag(files: Sequence[Path]) -> Bag:
     """feats float32 (N, D) and coords float32 (N, 2) µm of one patient (see module docstring)."""
-    feats, coords, _ = _load(files)
-    return feats, coords
+    feats, coords, _ = bag_store().get(files)
+    return feats.astype(np.float32), coords
 
 
 class BagDataset(Dataset[Item]):
@@ -88,7 +174,6 @@ class BagDataset(Dataset[Item]):
         bag_size: int | None,
         seed: int | None,
         cache: bool = True,
-        cache_max_bytes: int = 2 << 30,
     ) -> None:
         if bag_size is not None and bag_size < 1:
             raise ValueError(f"bag_size must be ≥ 1 or None, not {bag_size}")
@@ -96,10 +181,7 @@ class BagDataset(Dataset[Item]):
         self.bag_size = bag_size
         self.seed = seed
         self.cache = cache
-        self.cache_max_bytes = cache_max_bytes
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
-        self._cache: dict[int, tuple[np.ndarray, np.ndarray, str]] = {}
-        self._cached_bytes = 0
 
     def __len__(self) -> int:
         return len(self.patients)
@@ -113,14 +195,8 @@ class BagDataset(Dataset[Item]):
         self._epoch.fill_(int(epoch))
 
     def _bag(self, index: int) -> tuple[np.ndarray, np.ndarray, str]:
-        if index in self._cache:
-            return self._cache[index]
-        bag = _load(self.patients[index].feature_files)
-        size = bag[0].nbytes + bag[1].nbytes
-        if self.cache and self._cached_bytes + size <= self.cache_max_bytes:
-            self._cache[index] = bag
-            self._cached_bytes += size
-        return bag
+        files = self.patients[index].feature_files
+        return bag_store().get(files) if self.cache else _load(files)
 
     def _rng(self, index: int) -> np.random.Generator:
         if self.seed is None:
@@ -131,9 +207,14 @@ class BagDataset(Dataset[Item]):
         feats, coords, kind = self._bag(index)
         n = len(feats)
         if self.bag_size is None or kind != "tile" or n <= self.bag_size:
-            return torch.from_numpy(feats), torch.from_numpy(coords), n, index
+            return torch.from_numpy(feats.astype(np.float32)), torch.from_numpy(coords.copy()), n, index
         pick = np.sort(self._rng(index).choice(n, self.bag_size, replace=False))
-        return torch.from_numpy(feats[pick]), torch.from_numpy(coords[pick]), self.bag_size, index
+        return (
+            torch.from_numpy(feats[pick].astype(np.float32)),
+            torch.from_numpy(coords[pick]),
+            self.bag_size,
+            index,
+        )
 
 
 def collate_bags(
