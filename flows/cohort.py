@@ -33,24 +33,11 @@ from stamp.config_models import StampConfig
 from stamp.confinement import check_tables, enforced, load_snapshot
 from stamp.escaping import markdown_cell, markdown_code
 from stamp.logs import logger
+from stamp.stages import STAGE_BY_NAME, STAGES
 from stamp_flows import logfilters
 from stamp_flows.phi import REDACT_TAG, redacting, redaction_scope
 
 logfilters.install()
-
-#: Stage → config section, in the order the cohort flow runs them.
-STAGE_SECTIONS: dict[str, str] = {
-    "preprocess": "preprocessing",
-    "encode_slides": "slide_encoding",
-    "encode_patients": "patient_encoding",
-    "crossval": "crossval",
-    "train": "training",
-    "deploy": "deployment",
-    "statistics": "statistics",
-    "heatmaps": "heatmaps",
-}
-NOT_BUILT_STAGES = frozenset({"encode_slides", "encode_patients"})
-
 
 class StageFailed(RuntimeError):
     """A stage of the cohort flow did not complete (the message names the stage and why)."""
@@ -63,15 +50,15 @@ def stage_plan(cfg: StampConfig, stages: list[str] | None = None) -> list[str]:
     is present too. With ``stages``: exactly those (each needs its section).
     """
     if stages:
-        unknown = [s for s in stages if s not in STAGE_SECTIONS]
+        unknown = [s for s in stages if s not in STAGE_BY_NAME]
         if unknown:
-            raise ValueError(f"unknown stage(s) {unknown}; choose from {list(STAGE_SECTIONS)}")
-        missing = [s for s in stages if getattr(cfg, STAGE_SECTIONS[s]) is None]
+            raise ValueError(f"unknown stage(s) {unknown}; choose from {list(STAGE_BY_NAME)}")
+        missing = [s for s in stages if getattr(cfg, STAGE_BY_NAME[s].section) is None]
         if missing:
-            names = ", ".join(f"{s} (section '{STAGE_SECTIONS[s]}')" for s in missing)
+            names = ", ".join(f"{s} (section '{STAGE_BY_NAME[s].section}')" for s in missing)
             raise ValueError(f"the config has no section for stage(s) {names}; add it or drop the stage")
-        return [s for s in STAGE_SECTIONS if s in stages]
-    plan = [s for s, section in STAGE_SECTIONS.items() if getattr(cfg, section) is not None]
+        return [s.name for s in STAGES if s.name in stages]
+    plan = [s.name for s in STAGES if getattr(cfg, s.section) is not None]
     if "crossval" in plan and "train" in plan:
         plan.remove("train")
     return plan
@@ -79,46 +66,32 @@ def stage_plan(cfg: StampConfig, stages: list[str] | None = None) -> list[str]:
 
 def stage_parameters(stage: str, cfg: StampConfig) -> dict[str, Any]:
     """The stage flow's parameters (JSON only: they also travel to deployments)."""
-    section = getattr(cfg, STAGE_SECTIONS[stage]).model_dump(mode="json")
-    if stage in ("crossval", "train"):
+    row = STAGE_BY_NAME[stage]
+    section = getattr(cfg, row.section).model_dump(mode="json")
+    if row.params == "section+advanced":
         from stamp.config_models import AdvancedConfig
 
         advanced = (cfg.advanced_config or AdvancedConfig()).model_dump(mode="json")
         return {"section": section, "advanced": advanced}
-    if stage == "preprocess":
-        return {"config": section}
-    return {"section": section}
+    return {row.params: section}
+
+
+def stage_flow(stage: str) -> Any:
+    """The stage's Prefect flow (imported on first use: torch and matplotlib cost seconds)."""
+    row = STAGE_BY_NAME[stage]
+    if row.flow is None:
+        raise StageFailed(f"{stage}: not built yet (issue #{row.issue})")
+    module, function = row.flow.split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def _in_process(stage: str, params: dict[str, Any], cfg: StampConfig) -> dict[str, Any]:
-    concurrency = cfg.orchestration.task_concurrency
-    if stage == "preprocess":
-        from stamp_flows.preprocess import preprocess_flow
+    flow = stage_flow(stage)
+    if STAGE_BY_NAME[stage].per_slide_tasks:
         from stamp_flows.runners import thread_pool
 
-        return preprocess_flow.with_options(task_runner=thread_pool(concurrency))(**params)
-    if stage == "crossval":
-        from stamp_flows.modeling import crossval_flow
-
-        return crossval_flow(**params)
-    if stage == "train":
-        from stamp_flows.modeling import train_flow
-
-        return train_flow(**params)
-    if stage == "deploy":
-        from stamp_flows.modeling import deploy_flow
-
-        return deploy_flow(**params)
-    if stage == "statistics":
-        from stamp_flows.report import statistics_flow
-
-        return statistics_flow(**params)
-    if stage == "heatmaps":
-        from stamp_flows.report import heatmaps_flow
-        from stamp_flows.runners import thread_pool
-
-        return heatmaps_flow.with_options(task_runner=thread_pool(concurrency))(**params)
-    raise StageFailed(f"{stage}: no in-process runner")
+        flow = flow.with_options(task_runner=thread_pool(cfg.orchestration.task_concurrency))
+    return cast(dict[str, Any], flow(**params))
 
 
 def _as_deployments(
@@ -166,20 +139,11 @@ def _as_deployments(
     return {"deployment": name, "flow_runs": [str(r.id) for r in started]}
 
 
-STAGE_MODULES = {
-    "preprocess": "stamp_flows.preprocess",
-    "crossval": "stamp_flows.modeling",
-    "train": "stamp_flows.modeling",
-    "deploy": "stamp_flows.modeling",
-    "statistics": "stamp_flows.report",
-    "heatmaps": "stamp_flows.report",
-}
-
-
 def prefetch_stage_modules(stages: list[str]) -> None:
     """Import the flow modules of ``stages`` in a background thread (torch, matplotlib: seconds each),
     so that they load while earlier stages wait on slides and the API instead of after them."""
-    names = list(dict.fromkeys(STAGE_MODULES[s] for s in stages if s in STAGE_MODULES))
+    flows = [STAGE_BY_NAME[s].flow for s in stages]
+    names = list(dict.fromkeys(f.split(":")[0] for f in flows if f is not None))
 
     def load() -> None:
         for name in names:
@@ -281,7 +245,7 @@ def _run(cfg: StampConfig, config_path: str, stages: list[str] | None) -> dict[s
     timings: dict[str, float] = {}
     outcomes: dict[str, str] = {}
     for stage in plan:
-        if stage in NOT_BUILT_STAGES:
+        if not STAGE_BY_NAME[stage].built:
             logger.warning("%s: configured but not built yet; skipped (its section is ignored)", stage)
             outcomes[stage] = "skipped: not built"
             continue

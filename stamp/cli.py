@@ -17,20 +17,9 @@ from stamp.cli_support import TIMES, run_flow
 from stamp.cli_support import configure_prefect as _configure_prefect
 from stamp.cli_support import fail as _fail
 from stamp.cli_support import load as _load
+from stamp.stages import STAGE_BY_NAME, STAGES
 
-# STAMP's commands, with what each does (in our words), and the issue that builds it.
-STAGE_COMMANDS: dict[str, tuple[str, int | None]] = {
-    "preprocess": ("Tile whole-slide images, reject background and extract tile features (h5 per slide)", 3),
-    "encode_slides": ("Turn tile features into one embedding per slide with a slide encoder", None),
-    "encode_patients": ("Turn all tile features of a patient into one patient embedding", None),
-    "train": ("Train one MIL model on all patients (inner validation split for early stopping)", 4),
-    "crossval": ("Train and evaluate MIL models with patient-level k-fold cross-validation", 4),
-    "deploy": ("Predict an external cohort with one or more trained models", 4),
-    "statistics": ("Compute AUROC/AUPRC (etc.) with 95%% CIs and plot ROC/PR/KM/scatter curves", 5),
-    "heatmaps": ("Draw relevance heatmaps and top/bottom tiles for a trained model", 5),
-}
 EXIT_NOT_BUILT = 2
-BUILT_STAGES = frozenset({"preprocess", "train", "crossval", "deploy", "statistics", "heatmaps"})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,9 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("init", help="Write a commented template config to --config (never overwrites)")
     sub.add_parser("config", help="Validate the config and print it as YAML")
-    for name, (text, _issue) in STAGE_COMMANDS.items():
-        stage = sub.add_parser(name, help=text)
-        if name == "preprocess":
+    for row in STAGES:
+        stage = sub.add_parser(row.name, help=row.help)
+        if row.name == "preprocess":
             stage.add_argument(
                 "--list-encoders", action="store_true", help="print the encoder table and exit"
             )
@@ -250,7 +239,7 @@ def _cmd_encoders(args: argparse.Namespace) -> int:
 
 
 def _cmd_stage(args: argparse.Namespace) -> int:
-    _text, issue = STAGE_COMMANDS[args.command]
+    issue = STAGE_BY_NAME[args.command].issue
     tracked = f"tracked in issue #{issue}" if issue else "no issue filed for it yet"
     return _fail(
         f"{args.command}: this stage is not built yet ({tracked}); nothing was written.", EXIT_NOT_BUILT
@@ -279,12 +268,8 @@ HANDLERS = {
     "demo": _cmd_demo,
     "server": _cmd_server,
     "encoders": _cmd_encoders,
-    "preprocess": cli_stages.cmd_preprocess,
-    "train": cli_stages.cmd_train,
-    "crossval": cli_stages.cmd_crossval,
-    "deploy": cli_stages.cmd_deploy,
-    "statistics": cli_stages.cmd_statistics,
-    "heatmaps": cli_stages.cmd_heatmaps,
+    # a built stage's handler is cli_stages.cmd_<name>; a stage without a flow says it is not built
+    **{row.name: getattr(cli_stages, f"cmd_{row.name}") for row in STAGES if row.built},
     "run": cli_stages.cmd_run,
     "watch": cli_stages.cmd_watch,
     "deploy-flows": cli_stages.cmd_deploy_flows,

@@ -28,7 +28,6 @@ from pydantic_core import ErrorDetails
 from stamp.config_models import StampConfig
 
 __all__ = [
-    "COMMAND_SECTIONS",
     "ConfigError",
     "dump_config",
     "MAX_CONFIG_BYTES",
@@ -39,18 +38,6 @@ __all__ = [
     "template_text",
     "write_template",
 ]
-
-#: Which config section each CLI command / pipeline stage reads.
-COMMAND_SECTIONS: dict[str, str] = {
-    "preprocess": "preprocessing",
-    "encode_slides": "slide_encoding",
-    "encode_patients": "patient_encoding",
-    "train": "training",
-    "crossval": "crossval",
-    "deploy": "deployment",
-    "statistics": "statistics",
-    "heatmaps": "heatmaps",
-}
 
 # Keys that STAMP's own docs or template spell differently from its schema.
 _KNOWN_MISSPELLINGS = {"slide_list": "wsi_list", "feature_dir": "feat_dir", "feat_dir": "feature_dir"}

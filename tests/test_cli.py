@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stamp.cli import BUILT_STAGES, EXIT_NOT_BUILT, STAGE_COMMANDS, main
+from stamp.cli import EXIT_NOT_BUILT, main
+from stamp.stages import STAGES
 
 
 def test_help_lists_stamp_commands_and_imports_nothing_heavy() -> None:
@@ -22,7 +23,7 @@ def test_help_lists_stamp_commands_and_imports_nothing_heavy() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "HEAVY []" in out, out
-    for command in ["init", "config", *STAGE_COMMANDS, "demo", "synth", "server", "encoders"]:
+    for command in ["init", "config", *(s.name for s in STAGES), "demo", "synth", "server", "encoders"]:
         assert f"    {command}" in out
 
 
@@ -74,7 +75,7 @@ def test_missing_config_names_file_and_fix(tmp_path: Path, capsys: pytest.Captur
     assert "nope.yaml" in err and "stamp init" in err
 
 
-@pytest.mark.parametrize("command", sorted(set(STAGE_COMMANDS) - BUILT_STAGES))
+@pytest.mark.parametrize("command", sorted(s.name for s in STAGES if not s.built))
 def test_unbuilt_stage_exits_2_without_outputs(
     command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -23,6 +23,7 @@ import yaml
 
 from stamp.config import load_config
 from stamp.config_models import StampConfig
+from stamp.stages import STAGES
 from stamp_flows import cohort as cohort_mod
 from stamp_flows.cohort import stage_parameters, stage_plan
 from tests.conftest import REPO_ROOT
@@ -44,7 +45,7 @@ def _with_training(cfg: StampConfig) -> StampConfig:
 
 def test_stage_plan_order_and_parameters_for_a_full_config() -> None:
     cfg = _with_training(load_config(EXAMPLE_CONFIG))
-    assert all(getattr(cfg, s) is not None for s in cohort_mod.STAGE_SECTIONS.values()), (
+    assert all(getattr(cfg, s.section) is not None for s in STAGES), (
         "every section is set"
     )
     # crossval wins over training when both are there

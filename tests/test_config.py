@@ -15,7 +15,6 @@ from pydantic import BaseModel
 
 import stamp.config_models as models
 from stamp.config import (
-    COMMAND_SECTIONS,
     ConfigError,
     dump_config,
     load_config,
@@ -295,8 +294,10 @@ def test_section_yaml_and_require_section() -> None:
 
 
 def test_command_sections_cover_every_stage() -> None:
-    assert set(COMMAND_SECTIONS) == set(STAGE_NAMES)
-    assert set(COMMAND_SECTIONS.values()) <= set(StampConfig.model_fields)
+    from stamp.stages import STAGES
+
+    assert {s.name for s in STAGES} == set(STAGE_NAMES)
+    assert {s.section for s in STAGES} <= set(StampConfig.model_fields)
 
 
 # --------------------------------------------------------------------------- template

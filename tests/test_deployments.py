@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
+from stamp.stages import STAGES
 from stamp_flows.deployments import (
     PREFECT_YAML,
     REPO_ROOT,
@@ -24,13 +25,8 @@ from stamp_flows.deployments import (
 )
 
 VERSION = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"]
-STAGE_FLOWS = {  # flow -> (entrypoint, image)
-    "preprocess": ("flows/preprocess.py:preprocess_flow", "stamp-preprocess"),
-    "crossval": ("flows/modeling.py:crossval_flow", "stamp-modeling"),
-    "train": ("flows/modeling.py:train_flow", "stamp-modeling"),
-    "deploy": ("flows/modeling.py:deploy_flow", "stamp-modeling"),
-    "statistics": ("flows/report.py:statistics_flow", "stamp-report"),
-    "heatmaps": ("flows/report.py:heatmaps_flow", "stamp-report"),
+STAGE_FLOWS = {  # stage -> (entrypoint, image): every built stage that has an image runs as a deployment
+    s.name: (s.flow_file, f"stamp-{s.image}") for s in STAGES if s.built and s.image is not None
 }
 GPU = {"driver": "nvidia", "count": 1, "capabilities": [["gpu"]]}
 
