@@ -162,6 +162,8 @@ class Encoder:
         with torch.inference_mode():
             if self.dim == 0:
                 return torch.zeros((tiles.shape[0], 0), dtype=torch.float16, device=self.device)
+            if self.model is None:
+                raise RuntimeError(f"encoder {self.name!r} has no network to run")
             x = self.preprocess(tiles)
             with self.autocast():
                 y = self.model(x)
