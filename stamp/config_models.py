@@ -360,6 +360,9 @@ class AdvancedConfig(_Section):
     model_name: ModelName | None = None
     model_params: ModelParams = Field(default_factory=ModelParams)
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+    # ours (issue #15): small cohorts train at the defaults. 0 / 1 give STAMP's behaviour.
+    min_steps_per_epoch: int = Field(default=8, ge=0, le=100000)
+    selection_window: int = Field(default=3, ge=1, le=1000)
 
     @field_validator("model_params", mode="before")
     @classmethod

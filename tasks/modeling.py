@@ -17,13 +17,19 @@ from stamp.config_models import AdvancedConfig, CrossvalConfig, DeploymentConfig
 from stamp.modeling.checkpoint import CHECKPOINT_NAME, modeling_code_version
 from stamp.modeling.crossval import run_fold
 from stamp.modeling.deploy import deploy, deployment_spec
-from stamp.modeling.stage import deployment_cohort, preds_metrics, run_training, training_cohort
+from stamp.modeling.stage import (
+    deployment_cohort,
+    fold_metrics,
+    preds_metrics,
+    run_training,
+    training_cohort,
+)
 from stamp_tasks.cache import content_cache_policy
 from stamp_tasks.results import RESULT_OPTIONS
 
 MODELING_CODE_VERSION = modeling_code_version()
 MODELING_CACHE = content_cache_policy(
-    MODELING_CODE_VERSION, content_args=("feature_files", "tables"), ignore_args=("run",)
+    MODELING_CODE_VERSION, content_args=("feature_files", "tables"), ignore_args=("run", "concurrency")
 )
 DEPLOY_CACHE = content_cache_policy(
     MODELING_CODE_VERSION, content_args=("feature_files", "tables", "checkpoints"), ignore_args=("run",)
@@ -40,18 +46,31 @@ def crossval_fold(
     advanced: dict[str, Any],
     fold_dir: str,
     run: dict[str, Any] | None = None,
+    concurrency: int = 1,
 ) -> dict[str, Any]:
-    """Train fold ``index`` on its training patients (inner validation split), predict its test patients."""
+    """Train fold ``index`` on its training patients (inner validation split), predict its test patients.
+
+    The metrics include the mean-pool baseline's (``baseline_<metric>``). The cohort is loaded once
+    per process for all folds (while its tables and feature files are unchanged). ``concurrency`` > 1:
+    the fold trains in a worker process of a pool of that size (:mod:`stamp.modeling.parallel`).
+    """
     sec = CrossvalConfig.model_validate(section)
     adv = AdvancedConfig.model_validate(advanced)
-    cohort = training_cohort(sec)
-    preds = run_fold(cohort, split, Path(fold_dir), adv, adv.seed, patient_label=sec.patient_label)
+    cohort = training_cohort(sec, reuse=True)
+    if concurrency > 1:
+        from stamp.modeling.parallel import run_fold_in_worker
+
+        preds = run_fold_in_worker(
+            concurrency, cohort, split, Path(fold_dir), adv, adv.seed, patient_label=sec.patient_label
+        )
+    else:
+        preds = run_fold(cohort, split, Path(fold_dir), adv, adv.seed, patient_label=sec.patient_label)
     return {
         "fold": index,
         "preds": str(preds),
         "checkpoint": str(Path(fold_dir) / CHECKPOINT_NAME),
         "test_patients": len(split["test_patients"]),
-        **preds_metrics(preds, cohort),
+        **fold_metrics(preds, cohort),
     }
 
 
@@ -67,7 +86,7 @@ def train_all(
     """Train one model on all patients of a ``training`` section (inner split for early stopping)."""
     sec = TrainingConfig.model_validate(section)
     adv = AdvancedConfig.model_validate(advanced)
-    return run_training(training_cohort(sec), adv, Path(output_dir))
+    return run_training(training_cohort(sec, reuse=True), adv, Path(output_dir))
 
 
 @task(name="deploy-models", cache_policy=DEPLOY_CACHE, **RESULT_OPTIONS)

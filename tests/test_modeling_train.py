@@ -389,7 +389,8 @@ def test_embedding_level_mlp_trains(tmp_path: Path, level: str) -> None:
 
 def test_one_cycle_schedule_is_stepped_per_batch_and_reaches_max_lr(tiny: Tiny, tmp_path: Path) -> None:
     steps: list[dict[str, float]] = []
-    advanced = tiny_advanced("abmil", max_epochs=4, max_lr=2e-3, div_factor=25)
+    # min_steps_per_epoch 0: batch_size as given (the default floor would make it 8 steps of 3)
+    advanced = tiny_advanced("abmil", max_epochs=4, max_lr=2e-3, div_factor=25, min_steps_per_epoch=0)
     _train(tiny_cohort(tiny), tmp_path, advanced, on_step=steps.append)
     lrs = [s["lr"] for s in steps]
     assert len(lrs) == 4 * 3  # 24 training patients / batch 8 = 3 steps per epoch

@@ -4,7 +4,8 @@
 is written once and reused: patients it names that the tables no longer have are an error, usable
 patients it does not name are left out with a warning, and a different ``n_splits`` is an error.
 Fold ``i`` is the folder ``split-<i>/`` (``model.ckpt``, ``training-metrics.csv``,
-``patient-preds.csv``), built under a temp name and published with its provenance
+``patient-preds.csv`` and, ours, ``baseline-preds.csv``: the mean-pool baseline of
+:mod:`stamp.modeling.baseline` fitted on the same training patients, same columns), built under a temp name and published with its provenance
 (:mod:`stamp.provenance`): the features (by content) and targets of its patients, the split, the
 model settings and the code. A finished fold is reused only when that provenance is this run's; a
 fold whose test patients' data changed but whose training data did not keeps its checkpoint (the
@@ -28,6 +29,7 @@ from sklearn.model_selection import KFold, StratifiedKFold
 
 from stamp.config_models import AdvancedConfig
 from stamp.fileio import atomic_write_text, staging_dir
+from stamp.modeling.baseline import BASELINE_PREDS_NAME, fit_baseline
 from stamp.modeling.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
@@ -57,6 +59,8 @@ from stamp.provenance import Check, ForeignOutput, Verdict, check_folder, publis
 
 __all__ = [
     "SPLITS_NAME",
+    "fold_concurrency",
+    "baseline_preds",
     "Split",
     "FoldFailed",
     "check_fold",
@@ -207,6 +211,35 @@ def predict_patients(
     )
 
 
+def baseline_preds(
+    cohort: Any, train: Sequence[Any], test: Sequence[Any], *, patient_label: str, seed: int | None
+) -> Any:
+    """``baseline-preds.csv`` table: the mean-pool baseline fitted on ``train``, predicting ``test``.
+
+    None for multi-target classification (the baseline is single-target) and when the training
+    patients lack a class.
+    """
+    train = [p for p in train if has_target(p, cohort)]
+    if cohort.task == "classification" and len(cohort.targets) > 1:
+        return None
+    try:
+        model = fit_baseline(train, cohort, seed)
+    except ValueError as exc:
+        _logger.warning("no mean-pool baseline for this fold: %s", exc)
+        return None
+    codec_targets = list(cohort.targets)
+    out = model.predict(test, codec_targets[0])
+    return patient_preds_table(
+        out,
+        [p.target for p in test],
+        task=cohort.task,
+        targets=codec_targets,
+        categories=cohort.categories,
+        patient_label=patient_label,
+        cut_off=model.survival_cut_off,
+    )
+
+
 def _reusable_checkpoint(checkpoint: Path, expected_key: str) -> bool:
     """Whether a fold's old checkpoint records the training provenance this fold would train with."""
     try:
@@ -287,6 +320,9 @@ def run_fold(
             num_workers=advanced.num_workers,
         )
         write_csv(table, staging / PREDS_NAME)
+        base = baseline_preds(cohort, train, test, patient_label=patient_label, seed=seed)
+        if base is not None:
+            write_csv(base, staging / BASELINE_PREDS_NAME)
         try:
             publish_folder(staging, fold_dir, expected)
         except ForeignOutput as exc:  # something appeared there meanwhile
@@ -327,12 +363,36 @@ def run_crossval(
     n_splits: int,
     advanced: AdvancedConfig,
     patient_label: str = "PATIENT",
+    concurrency: int = 1,
 ) -> list[Path]:
-    """All folds in sequence (the Prefect flow maps :func:`run_fold` instead); returns the preds paths."""
+    """All folds (the Prefect flow maps :func:`run_fold` instead); returns the preds paths.
+
+    ``concurrency`` 1: one after the other in this process; more: that many at a time in worker
+    processes (:mod:`stamp.modeling.parallel`).
+    """
     splits = prepare_splits(cohort, Path(output_dir), n_splits, advanced.seed)
-    return [
-        run_fold(
-            cohort, split, fold_dir(Path(output_dir), i), advanced, advanced.seed, patient_label=patient_label
-        )
+    args = [
+        (cohort, split, fold_dir(Path(output_dir), i), advanced, advanced.seed)
         for i, split in enumerate(splits)
     ]
+    if concurrency <= 1:
+        return [run_fold(*a, patient_label=patient_label) for a in args]
+    from concurrent.futures import ThreadPoolExecutor
+
+    from stamp.modeling.parallel import run_fold_in_worker
+
+    with ThreadPoolExecutor(concurrency) as threads:
+        futures = [
+            threads.submit(run_fold_in_worker, concurrency, *a, patient_label=patient_label) for a in args
+        ]
+        return [f.result() for f in futures]
+
+
+def fold_concurrency(requested: int | None, advanced: AdvancedConfig, n_folds: int) -> int:
+    """Folds to train at once: ``requested`` (``orchestration.task_concurrency``) when given, else
+    on a CPU as many as there are cores (one torch thread each), on a GPU one; never more than folds."""
+    from stamp.modeling.parallel import available_cores
+
+    if requested is None:
+        requested = 1 if resolve_torch_device(advanced.accelerator).type != "cpu" else available_cores()
+    return max(1, min(int(requested), n_folds))

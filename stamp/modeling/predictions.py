@@ -238,27 +238,36 @@ def forward_all(
     feature_type: str,
     device: torch.device | str = "cpu",
     num_workers: int = 0,
+    max_batch_tiles: int | None = None,
 ) -> torch.Tensor | list[torch.Tensor]:
     """Raw outputs of ``model`` (eval mode, full bags) for every item of ``dataset``, in order.
 
     Tile bags go one patient at a time without a padding mask, so memory is bounded by the largest
     bag (and the model's own attention kernels); slide/patient embeddings are batched.
+    ``max_batch_tiles`` (tile bags, in-process data only): bags sorted by size go in padded,
+    masked batches of at most that many tiles (a larger bag alone); same outputs up to rounding.
     Returns an (N, n_out) CPU float tensor, or a list of them for multi-target models.
     """
     from stamp.modeling.data import collate_bags
 
-    loader = DataLoader(
-        dataset,
-        batch_size=1 if feature_type == "tile" else 64,
-        shuffle=False,
-        collate_fn=collate_bags,
-        num_workers=num_workers,
-    )
+    batches: Any
+    if feature_type == "tile" and max_batch_tiles and num_workers == 0 and len(dataset) > 1:
+        batches = _size_batches(dataset, max_batch_tiles)
+    else:
+        batches = DataLoader(
+            dataset,
+            batch_size=1 if feature_type == "tile" else 64,
+            shuffle=False,
+            collate_fn=collate_bags,
+            num_workers=num_workers,
+        )
     was_training = model.training
     model.eval()
     chunks: list[Any] = []
+    order: list[int] = []
     with torch.inference_mode():
-        for feats, coords, mask, _idx in loader:
+        for feats, coords, mask, idx in batches:
+            order += [int(i) for i in idx]
             check_stop()
             use_mask = None if feats.shape[0] == 1 else mask.to(device)
             out = model(feats.to(device), coords.to(device), use_mask)
@@ -269,9 +278,26 @@ def forward_all(
     model.train(was_training)
     if not chunks:
         raise ValueError("no patients to predict")
+    back = torch.as_tensor(np.argsort(order, kind="stable"))  # dataset order
     if isinstance(chunks[0], list):
-        return [torch.cat([c[t] for c in chunks]) for t in range(len(chunks[0]))]
-    return torch.cat(chunks)
+        return [torch.cat([c[t] for c in chunks])[back] for t in range(len(chunks[0]))]
+    return torch.cat(chunks)[back]
+
+
+def _size_batches(dataset: Any, max_tiles: int) -> Any:
+    """Collated batches of ``dataset``'s items sorted by bag size, ≤ ``max_tiles`` padded tiles each."""
+    from stamp.modeling.data import collate_bags
+
+    items = [dataset[i] for i in range(len(dataset))]
+    items.sort(key=lambda item: (len(item[0]), int(item[3])))
+    group: list[Any] = []
+    for item in items:
+        if group and len(item[0]) * (len(group) + 1) > max_tiles:
+            yield collate_bags(group)
+            group = []
+        group.append(item)
+    if group:
+        yield collate_bags(group)
 
 
 def to_outputs(codec: Any, raw: torch.Tensor | list[torch.Tensor], patient_ids: Sequence[str]) -> Outputs:

@@ -12,6 +12,21 @@ Design (stamp-facts §2.6, with STAMP's quirks of §7 fixed):
 * regression targets are standardised with the training mean/std for optimisation; predictions are
   mapped back, so losses and predictions are in the table's units;
 * survival stores the median risk of the training patients (best model, full bags) as cut-off.
+
+Departures for small cohorts (issue #15; each has a key that restores STAMP's behaviour):
+
+* ``min_steps_per_epoch`` (default 8): when the training patients fill fewer batches than that, the
+  batch shrinks to ``floor(patients / min_steps_per_epoch)`` (logged once with the numbers). At
+  STAMP's batch 64, 36 training patients would otherwise give one optimiser step per epoch, 32 in
+  the whole run. ``0`` keeps ``batch_size`` as given;
+* ``selection_window`` (default 3): early stopping and the saved epoch follow the mean of the
+  monitored validation figure over the last ``selection_window`` epochs, so one lucky epoch on a
+  12-patient validation split does not pick the model. ``1`` is STAMP's per-epoch rule;
+* validation bags are batched (sorted by size, padded and masked, a bounded number of tiles per
+  batch) instead of one patient per forward pass; the test / deploy predictions stay one patient
+  per pass;
+* when every training and validation bag fits in memory (:class:`stamp.modeling.data.BagStore`), the
+  data loaders run in the training process (``num_workers`` is used only when they do not fit).
 """
 
 from __future__ import annotations
@@ -47,6 +62,7 @@ from stamp.stopping import check_stop
 
 __all__ = [
     "TRAINING_METRICS_NAME",
+    "effective_batch_size",
     "has_target",
     "inner_split",
     "resolve_torch_device",
@@ -56,6 +72,8 @@ __all__ = [
 ]
 
 TRAINING_METRICS_NAME = "training-metrics.csv"
+#: padded tiles per validation batch (bags sorted by size; a larger bag goes alone)
+VALID_BATCH_TILES = 8192
 _logger = logging.getLogger("stamp")
 
 
@@ -185,6 +203,15 @@ def _train_loader(dataset: Any, batch_size: int, num_workers: int, seed: int | N
     )
 
 
+def effective_batch_size(n_train: int, advanced: AdvancedConfig) -> int:
+    """``batch_size``, shrunk so that ``n_train`` patients fill ≥ ``min_steps_per_epoch`` batches."""
+    batch = advanced.batch_size
+    floor = advanced.min_steps_per_epoch
+    if floor <= 0 or n_train <= 0 or math.ceil(n_train / batch) >= floor:
+        return batch
+    return max(1, min(batch, n_train // floor))
+
+
 def _monitor(task: str, codec: TargetCodec, valid: Sequence[Any]) -> tuple[str, bool]:
     """(metric name, higher is better) used for early stopping."""
     if not valid:
@@ -199,6 +226,12 @@ def _monitor(task: str, codec: TargetCodec, valid: Sequence[Any]) -> tuple[str, 
     return "valid_loss", False
 
 
+def _smoothed(history: Sequence[dict[str, float]], key: str, window: int) -> float:
+    """Mean of ``key`` over the last ``window`` epochs (fewer at the start; NaNs skipped)."""
+    values = [r[key] for r in history[-window:] if not math.isnan(r[key])]
+    return float(np.mean(values)) if values else math.nan
+
+
 def _evaluate(
     model: torch.nn.Module,
     codec: TargetCodec,
@@ -208,10 +241,17 @@ def _evaluate(
     device: torch.device,
     num_workers: int,
 ) -> dict[str, float]:
-    """Validation loss and the task's metric on full bags."""
+    """Validation loss and the task's metric on full bags (batched by size)."""
     if not patients:
         return {}
-    raw = forward_all(model, dataset, feature_type=codec.feature_type, device=device, num_workers=num_workers)
+    raw = forward_all(
+        model,
+        dataset,
+        feature_type=codec.feature_type,
+        device=device,
+        num_workers=num_workers,
+        max_batch_tiles=VALID_BATCH_TILES,
+    )
     y = codec.encode(patients)
     cpu_weights = {t: w.cpu() for t, w in weights.items()}
     result = {"valid_loss": float(codec.loss(raw, y, cpu_weights))}
@@ -252,7 +292,7 @@ def train_model(
     checkpoint's ``meta`` so a later run can tell whether the checkpoint is still this training's.
     Per-epoch figures are logged and written to ``<output_dir>/training-metrics.csv``.
     """
-    from stamp.modeling.data import BagDataset
+    from stamp.modeling.data import BagDataset, bag_store
     from stamp.modeling.models.registry import build_model
 
     log = log or _logger
@@ -276,18 +316,30 @@ def train_model(
     tile = cohort.feature_type == "tile"
     peak_lr = params["learning_rate"] if name == "barspoon" else advanced.max_lr
 
+    batch_size = effective_batch_size(len(train), advanced)
+    if batch_size != advanced.batch_size:
+        log.info(
+            "batch_size %d -> %d: %d training patients would give %d optimiser step(s) per epoch; "
+            "advanced_config.min_steps_per_epoch = %d keeps at least that many (%d steps); "
+            "set min_steps_per_epoch: 0 to train with batch_size %d as given",
+            advanced.batch_size, batch_size, len(train), math.ceil(len(train) / advanced.batch_size),
+            advanced.min_steps_per_epoch, math.ceil(len(train) / batch_size), advanced.batch_size,
+        )  # fmt: skip
+    # every bag in memory: the loaders run here; workers would only copy what this process holds
+    in_memory = bag_store().fits([p.feature_files for p in [*train, *valid]])
+    workers = 0 if in_memory else advanced.num_workers
+
     with _deterministic():
         if seed is not None:
             seed_everything(seed)
         model = build_model(name, dim_input=dim_input, n_outputs=codec.n_outputs, params=params).to(device)
-        # in-memory bag cache only without workers (each worker process would hold its own copy)
         train_ds = BagDataset(
             list(train),
             bag_size=advanced.bag_size if tile else None,
             seed=seed,
-            cache=advanced.num_workers == 0,
+            cache=workers == 0,
         )
-        train_dl = _train_loader(train_ds, advanced.batch_size, advanced.num_workers, seed)
+        train_dl = _train_loader(train_ds, batch_size, workers, seed)
         total_steps = len(train_dl) * advanced.max_epochs
         opt = torch.optim.AdamW(model.parameters(), lr=peak_lr / advanced.div_factor)
         sched = torch.optim.lr_scheduler.OneCycleLR(
@@ -296,7 +348,7 @@ def train_model(
         y_train = codec.encode(train)
         w_tensors = {t: torch.as_tensor(w, dtype=torch.float32, device=device) for t, w in weights.items()}
         monitor, higher_better = _monitor(cohort.task, codec, valid)
-        valid_ds = bag_dataset(valid, cache=advanced.num_workers == 0)
+        valid_ds = bag_dataset(valid, cache=workers == 0)
         log.info(
             "training %s (%s, %d train / %d valid patients, dim %d) for up to %d epochs, %d steps, monitor %s",
             name, cohort.task, len(train), len(valid), dim_input, advanced.max_epochs, total_steps, monitor,
@@ -323,9 +375,11 @@ def train_model(
                     on_step({"epoch": epoch, "step": step, "lr": lr, "loss": losses[-1]})
             model.eval()
             row = {"epoch": float(epoch), "lr_max": lr_max, "train_loss": float(np.mean(losses))}
-            row.update(_evaluate(model, codec, valid, valid_ds, w_tensors, device, advanced.num_workers))
+            row.update(_evaluate(model, codec, valid, valid_ds, w_tensors, device, workers))
             history.append(row)
-            value = row[monitor]
+            value = _smoothed(history, monitor, advanced.selection_window)
+            if advanced.selection_window > 1:
+                row[f"{monitor}_smoothed"] = value
             improved = best_epoch < 0 or (
                 not math.isnan(value) and (value > best_value if higher_better else value < best_value)
             )
@@ -355,7 +409,7 @@ def train_model(
                 bag_dataset(train, cache=False),
                 feature_type=codec.feature_type,
                 device=device,
-                num_workers=advanced.num_workers,
+                num_workers=workers,
             )
             assert isinstance(risk, torch.Tensor)
             cut_off = float(np.median(risk.reshape(-1).numpy()))
@@ -386,6 +440,8 @@ def train_model(
         "epochs_trained": len(history),
         "monitor": monitor,
         "monitor_value": best_value,
+        "selection_window": advanced.selection_window,
+        "batch_size": batch_size,
         "advanced_config": advanced.model_dump(mode="json"),
         "provenance": provenance,
     }

@@ -20,6 +20,7 @@ from stamp.escaping import markdown_cell, markdown_code
 from stamp.fileio import staging_dir
 from stamp.hashing import package_code_hash, shared_index
 from stamp.provenance import Check, Provenance, check_files, publish_files
+from stamp.statistics.baseline import baseline_sources, baseline_statistics
 from stamp.statistics.outcome import Outcome
 from stamp.statistics.tables import Source, StatisticsError, read_preds, safe_name, sources_for
 
@@ -63,7 +64,7 @@ def _provenance(sec: StatisticsConfig, sources: list[Source], n_bootstrap: int, 
     settings = sec.model_dump(mode="json", exclude={"output_dir", "pred_csvs"})
     return Provenance(
         stage="statistics",
-        inputs={src.label: index.sha256(src.path) for src in sources},
+        inputs={src.label: index.sha256(src.path) for src in [*sources, *baseline_sources(sources)]},
         settings={
             **settings,
             "labels": [src.label for src in sources],
@@ -105,7 +106,7 @@ def compute_statistics(sec: StatisticsConfig, *, n_bootstrap: int = 1000, seed: 
     result.plots = [out_dir / os.path.relpath(f, staging) for f in result.plots]
     result.inputs = [
         {"file": str(src.path), "label": src.label, "sha256": str(expected.inputs[src.label])}
-        for src in sources
+        for src in [*sources, *baseline_sources(sources)]
     ]
     used = ["", "| prediction file | sha256 |", "|---|---|"]
     used += [f"| {markdown_code(i['file'])} | `{i['sha256'][:16]}` |" for i in result.inputs]
@@ -143,6 +144,33 @@ def _compute(
             sources, frames, out_dir, time_label=sec.time_label, status_label=sec.status_label
         )
         heading = "Survival statistics"
+    base = baseline_sources(sources)
+    if base:
+        targets_: list[str] = []
+        classes: dict[str, list[str]] = {}
+        if sec.task == "classification":
+            for row in outcome.rows:
+                if row.get("level") != "aggregate":
+                    continue
+                t, c = str(row["target"]), str(row["class"])
+                if sec.true_class is None or sec.true_class == c:
+                    targets_ += [t] if t not in targets_ else []
+                    classes.setdefault(t, []).append(c)
+        elif sec.task == "regression":
+            targets_ = [target]
+        extra = baseline_statistics(
+            sec.task,
+            base,
+            out_dir,
+            outcome.rows,
+            targets=targets_,
+            classes=classes,
+            time_label=sec.time_label,
+            status_label=sec.status_label,
+        )
+        outcome.files += extra.files
+        outcome.rows += extra.rows
+        outcome.summary += extra.summary
     files = ", ".join(markdown_code(s.label) for s in sources[:6]) + (" …" if len(sources) > 6 else "")
     summary = "\n".join(
         [f"### {heading}", f"{len(sources)} prediction file(s): {files}", "", *outcome.summary]
