@@ -85,7 +85,7 @@ def cmd_statistics(args: argparse.Namespace) -> int:
     """`stamp statistics`: metrics with 95 % CIs and plots from prediction CSVs."""
     cfg, sec = _start_stage(args, "statistics")
     _configure_prefect(args, cfg)
-    from stamp_flows.report import statistics_flow
+    from stamp_flows.statistics import statistics_flow
 
     result = _run_flow(statistics_flow, section=sec.model_dump(mode="json"))
     print(result["summary"].strip())
@@ -97,7 +97,8 @@ def cmd_heatmaps(args: argparse.Namespace) -> int:
     """`stamp heatmaps`: per-slide maps and top tiles; exit 1 when a slide failed."""
     cfg, sec = _start_stage(args, "heatmaps")
     _configure_prefect(args, cfg)
-    from stamp_flows.report import heatmaps_flow, thread_pool
+    from stamp_flows.heatmaps import heatmaps_flow
+    from stamp_flows.runners import thread_pool
 
     flow = heatmaps_flow.with_options(task_runner=thread_pool(cfg.orchestration.task_concurrency))
     result = _run_flow(flow, section=sec.model_dump(mode="json"))

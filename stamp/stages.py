@@ -35,7 +35,7 @@ class Stage:
 
     @property
     def flow_file(self) -> str | None:
-        """The flow's file relative to the repository (a deployment's entrypoint), e.g. ``flows/report.py``."""
+        """The flow's file relative to the repository (a deployment's entrypoint), e.g. ``flows/statistics.py``."""
         if self.flow is None:
             return None
         module, function = self.flow.split(":")
@@ -94,14 +94,14 @@ STAGES: tuple[Stage, ...] = (
         "statistics",
         "statistics",
         "Compute AUROC/AUPRC (etc.) with 95%% CIs and plot ROC/PR/KM/scatter curves",
-        "stamp_flows.report:statistics_flow",
+        "stamp_flows.statistics:statistics_flow",
         image="report",
     ),
     Stage(
         "heatmaps",
         "heatmaps",
         "Draw relevance heatmaps and top/bottom tiles for a trained model",
-        "stamp_flows.report:heatmaps_flow",
+        "stamp_flows.heatmaps:heatmaps_flow",
         per_slide_tasks=True,
         image="report",
     ),

@@ -150,7 +150,7 @@ def test_deployment_runs_without_a_worker_time_out_and_are_cancelled(prefect_api
 
     with get_client(sync_client=True) as client:
         client.create_work_pool(WorkPoolCreate(name="nobody-polls", type="process"), overwrite=True)
-    deployment_id = deploy_from_repo("flows/report.py:statistics_flow", "idle", "nobody-polls")
+    deployment_id = deploy_from_repo("flows/statistics.py:statistics_flow", "idle", "nobody-polls")
     with pytest.raises(StageFailed, match=r"statistics/idle not finished after 2 s .*worker polling") as err:
         _as_deployments("statistics", "statistics/idle", [{"section": {}}], timeout=2)
     assert "\n" not in str(err.value)

@@ -531,7 +531,7 @@ def test_prefect_docker_worker_runs_statistics_in_the_report_image(report_image,
                 flow_id=flow_id,
                 name="docker-test",
                 work_pool_name=pool,
-                entrypoint="flows/report.py:statistics_flow",
+                entrypoint="flows/statistics.py:statistics_flow",
                 pull_steps=[{"prefect.deployments.steps.set_working_directory": {"directory": "/opt/stamp"}}],
                 job_variables=job_variables,
             )

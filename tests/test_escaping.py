@@ -89,7 +89,7 @@ def test_preprocess_summary_keeps_one_row_per_slide(tmp_path):
 def test_report_image_alt_text_and_slide_names_are_literal(tmp_path):
     from PIL import Image
 
-    from stamp_flows.report import inline_png
+    from stamp_flows.images import inline_png
 
     png = tmp_path / "a](http:evil).png"
     Image.new("RGB", (4, 4)).save(png)

@@ -389,7 +389,7 @@ def test_h2_heatmaps_flow_fails_only_the_slide_named_like_a_results_folder(
     hm: dict[str, Any], tmp_path: Path
 ) -> None:
     """H2 through the real flow: the run's rows say "failed" with the folder for that slide, "done" for the other."""
-    from stamp_flows.report import heatmaps_flow
+    from stamp_flows.heatmaps import heatmaps_flow
 
     work, before = _work_with_crossval(tmp_path)
     result = heatmaps_flow(_section(hm, work).model_dump(mode="json"))

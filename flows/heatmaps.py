@@ -1,19 +1,9 @@
-"""``stamp statistics`` and ``stamp heatmaps`` as Prefect flows, with artifacts for the UI.
-
-* ``statistics``: one cached task over the prediction CSVs; publishes the metrics table
-  (``statistics-metrics``) and the ROC/PR/KM/scatter plots inline (``statistics-plots``).
-* ``heatmaps``: one cached task per slide (fan-out); publishes a per-slide table
-  (``heatmaps-slides``) and a gallery of overview images (``heatmaps-gallery``). A slide that
-  fails is reported in the table and never stops the others.
-
-Images go into markdown artifacts as small inline PNGs (the UI renders ``data:`` images; they
-work offline); the full-size files stay on disk and are named beside them.
-"""
+"""``stamp heatmaps`` as a Prefect flow: one cached task per slide (fan-out); publishes a per-slide table
+(``heatmaps-slides``) and a gallery of overview images (``heatmaps-gallery``). A slide that fails is
+reported in the table and never stops the others."""
 
 from __future__ import annotations
 
-import base64
-import io
 import time
 from pathlib import Path
 from typing import Any
@@ -22,61 +12,18 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import PrefectFuture
 
-from stamp.config_models import HeatmapsConfig, StatisticsConfig, resolve_device
-from stamp.escaping import markdown_cell, markdown_code
+from stamp.config_models import HeatmapsConfig, resolve_device
+from stamp.escaping import markdown_cell
 from stamp.fileio import sweep_temps
 from stamp.logs import logger
 from stamp_flows import logfilters
+from stamp_flows.images import inline_png
 from stamp_flows.phi import artifact_rows, redacting, run_label
 from stamp_flows.runners import thread_pool
 from stamp_tasks.cache import served_or_recomputed
-from stamp_tasks.report import heatmap_slide, statistics_task
+from stamp_tasks.heatmaps import heatmap_slide
 
 logfilters.install()
-
-ARTIFACT_KEYS = ("statistics-metrics", "statistics-plots", "heatmaps-slides", "heatmaps-gallery")
-
-
-def inline_png(path: str | Path, width: int = 360) -> str:
-    """Markdown for a PNG shrunk to ``width`` px, inline as base64 (keeps artifacts small)."""
-    from PIL import Image
-
-    with Image.open(path) as opened:
-        img = opened.convert("RGB")
-    if img.width > width:
-        img = img.resize((width, max(1, round(img.height * width / img.width))))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=True)
-    data = base64.b64encode(buf.getvalue()).decode()
-    return f"![{markdown_cell(Path(path).name)}](data:image/png;base64,{data})"
-
-
-@flow(name="statistics", task_runner=thread_pool(1))
-def statistics_flow(section: dict[str, Any]) -> dict[str, Any]:
-    """STAMP's statistics for a ``statistics`` section: tables with 95 % CIs and plots."""
-    start = time.perf_counter()
-    sec = StatisticsConfig.model_validate(section)
-    csvs = [str(Path(p)) for p in sec.pred_csvs]
-    missing = [p for p in csvs if not Path(p).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"statistics.pred_csvs: {missing[0]} does not exist"
-            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-            + "; run crossval/deploy first or fix the path"
-        )
-    from stamp.statistics.api import check_statistics
-
-    sweep_temps(Path(sec.output_dir), recursive=False)
-    result = served_or_recomputed(
-        statistics_task.submit(csvs, section),
-        lambda r: check_statistics(sec, [Path(f) for f in r["files"]]),
-        lambda: statistics_task.with_options(refresh_cache=True).submit(csvs, section),
-    )
-    create_table_artifact(key="statistics-metrics", table=result["rows"], description=f"in {sec.output_dir}")
-    images = "\n\n".join(f"{inline_png(p)}\n\n{markdown_code(p)}" for p in result["plots"][:8])
-    create_markdown_artifact(key="statistics-plots", markdown=f"{result['summary']}\n\n{images}\n")
-    logger.info("statistics: %d files in %s", len(result["files"]), sec.output_dir)
-    return {**result, "output_dir": str(sec.output_dir), "seconds": time.perf_counter() - start}
 
 
 def _slide_row(job: Any, status: str, value: dict[str, Any] | None, reason: str = "") -> dict[str, Any]:
