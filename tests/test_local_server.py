@@ -18,8 +18,8 @@ from stamp_flows import server_process
 from stamp_flows.server import (
     SERVER_FILE,
     find_or_start_server,
-    recorded_server,
     record_is_live,
+    recorded_server,
     server_is_healthy,
     stop_server,
     wait_healthy,
