@@ -194,7 +194,7 @@ def predict_patients(
     codec = TargetCodec.from_meta(meta)
     raw = forward_all(
         model,
-        bag_dataset(patients, cache=False),
+        bag_dataset(patients, cache=num_workers == 0),
         feature_type=codec.feature_type,
         device=device,
         num_workers=num_workers,
@@ -312,12 +312,15 @@ def run_fold(
                 log=log,
                 provenance=model_key,
             )
+        from stamp.modeling.data import bag_store
+
+        in_memory = bag_store().fits([p.feature_files for p in test])
         table = predict_patients(
             staging / CHECKPOINT_NAME,
             test,
             patient_label=patient_label,
             accelerator=advanced.accelerator,
-            num_workers=advanced.num_workers,
+            num_workers=0 if in_memory else advanced.num_workers,
         )
         write_csv(table, staging / PREDS_NAME)
         base = baseline_preds(cohort, train, test, patient_label=patient_label, seed=seed)
