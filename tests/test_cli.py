@@ -90,3 +90,16 @@ def test_console_script_entry_point() -> None:
     exe = Path(sys.executable).with_name("stamp")
     proc = subprocess.run([str(exe), "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "usage: stamp" in proc.stdout
+
+
+def test_console_script_quick_exit_keeps_status_output_and_log(tmp_path: Path) -> None:
+    """The console script ends with os._exit after the exit handlers: the status and every printed line
+    must be complete, as with a normal exit (the log file: tests/test_local_server.py)."""
+    exe = Path(sys.executable).with_name("stamp")
+    bad = subprocess.run([str(exe), "-c", str(tmp_path / "nope.yaml"), "config"], capture_output=True, text=True)
+    assert bad.returncode == 1 and "nope.yaml" in bad.stderr and "stamp init" in bad.stderr
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("preprocessing:\n  output_dir: out\n  wsi_dir: slides\n  extractor: uni\n")
+    good = subprocess.run([str(exe), "-c", str(cfg), "config"], capture_output=True, text=True)
+    assert good.returncode == 0 and yaml.safe_load(good.stdout)["preprocessing"]["extractor"] == "uni"
+    assert good.stdout.endswith("\n")

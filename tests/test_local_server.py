@@ -132,6 +132,8 @@ def test_stamp_v_prints_the_timing_line_and_reuses_the_server(home: Path, tmp_pa
         assert record is not None and record_is_live(record), "the command left its server running"
         servers.append(record["pid"])
     assert (tmp_path / "stats").is_dir()
+    log = (tmp_path / "stats" / "logfile.log").read_text()
+    assert len(re.findall(r"statistics: \d+ files in ", log)) == 2, "both runs' last log line is in the file"
     assert servers[0] == servers[1] and _server_processes(home) == servers[:1], "the second command reused it"
 
 
