@@ -96,7 +96,9 @@ def test_console_script_quick_exit_keeps_status_output_and_log(tmp_path: Path) -
     """The console script ends with os._exit after the exit handlers: the status and every printed line
     must be complete, as with a normal exit (the log file: tests/test_local_server.py)."""
     exe = Path(sys.executable).with_name("stamp")
-    bad = subprocess.run([str(exe), "-c", str(tmp_path / "nope.yaml"), "config"], capture_output=True, text=True)
+    bad = subprocess.run(
+        [str(exe), "-c", str(tmp_path / "nope.yaml"), "config"], capture_output=True, text=True
+    )
     assert bad.returncode == 1 and "nope.yaml" in bad.stderr and "stamp init" in bad.stderr
     cfg = tmp_path / "config.yaml"
     cfg.write_text("preprocessing:\n  output_dir: out\n  wsi_dir: slides\n  extractor: uni\n")
