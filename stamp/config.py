@@ -211,6 +211,7 @@ _SUMMARY_KINDS = {
     "extra_forbidden": "unknown key",
     "missing": "missing required key",
     "literal_error": "not one of the allowed values",
+    "value_error": "invalid value",
     **{
         kind: "out of range"
         for kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal")

@@ -22,15 +22,24 @@ import os
 import re
 import reprlib
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 __all__ = [
     "ACCELERATORS",
     "ENCODER_NAMES",
-    "EXTRACTOR_NAMES",
     "MODEL_NAMES",
     "STAGE_NAMES",
     "TASKS",
@@ -59,30 +68,6 @@ __all__ = [
 
 # --------------------------------------------------------------------------- enums (STAMP's strings)
 
-ExtractorName = Literal[
-    "ctranspath",
-    "chief-ctranspath",
-    "conch",
-    "conch1_5",
-    "uni",
-    "uni2",
-    "dino-bloom",
-    "gigapath",
-    "h-optimus-0",
-    "h-optimus-1",
-    "virchow",
-    "virchow-full",
-    "virchow2",
-    "musk",
-    "mstar",
-    "plip",
-    "keep",
-    "ticon",
-    "red-dino",
-    "empty",
-    # ours: a weight-free handcrafted encoder for the demo and tests (not for research use)
-    "demo",
-]
 EncoderName = Literal["cobra", "eagle", "chief", "titan", "gigapath", "madeleine", "prism"]
 Task = Literal["classification", "regression", "survival"]
 ModelName = Literal["vit", "mlp", "trans_mil", "linear", "barspoon", "abmil"]  # abmil: ours
@@ -98,7 +83,6 @@ StageName = Literal[
     "heatmaps",
 ]
 
-EXTRACTOR_NAMES: tuple[str, ...] = get_args(ExtractorName)
 ENCODER_NAMES: tuple[str, ...] = get_args(EncoderName)
 TASKS: tuple[str, ...] = get_args(Task)
 MODEL_NAMES: tuple[str, ...] = get_args(ModelName)
@@ -151,7 +135,20 @@ def _check_api_url(value: str) -> str:
     return value
 
 
+def _check_extractor(value: str) -> str:
+    """A name the tile-encoder registry holds (asked lazily: the registry is not imported with the schema)."""
+    from stamp.encoders.registry import ENCODERS
+
+    if value not in ENCODERS:
+        # the error kind of a Literal, so messages list the choices and the closest name
+        names = ", ".join(repr(name) for name in sorted(ENCODERS))
+        raise PydanticCustomError("literal_error", "Input should be one of {expected}", {"expected": names})
+    return value
+
+
 Device = Annotated[str, AfterValidator(_check_device)]
+#: a ``preprocessing.extractor`` value: a name in :data:`stamp.encoders.ENCODERS`
+ExtractorName = Annotated[str, AfterValidator(_check_extractor)]
 Labels = Annotated[str | list[str] | None, BeforeValidator(_check_labels)]
 DeploymentName = Annotated[str, AfterValidator(_check_deployment)]
 ApiUrl = Annotated[str, AfterValidator(_check_api_url)]
@@ -227,6 +224,21 @@ class PreprocessingConfig(_Section):
     stain_norm: Literal["macenko", "reinhard"] | None = None
     weights_dir: Path | None = None
     batch_size: int = Field(default=64, ge=1, le=4096)
+    #: a tile scale or size other than the extractor's operating point: false warns, true is an error
+    strict_operating_point: bool = False
+
+    @model_validator(mode="after")
+    def _operating_point(self) -> PreprocessingConfig:
+        from stamp.encoders.errors import OperatingPointWarning
+        from stamp.encoders.registry import check_operating_point
+
+        problem = check_operating_point(self.extractor, self.tile_size_um, self.tile_size_px)
+        if problem is not None:
+            if self.strict_operating_point:
+                # the error is reported under "preprocessing:" already
+                raise ValueError(f"{problem.removeprefix('preprocessing.')} (strict_operating_point: true)")
+            warnings.warn(problem, OperatingPointWarning, stacklevel=2)
+        return self
 
 
 # --------------------------------------------------------------------------- modeling

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
+from typing import TextIO
 
 from stamp.fileio import open_append_nofollow
 
@@ -14,10 +16,27 @@ FILE_FORMAT = "%(asctime)s\t%(levelname)s\t%(message)s"
 LOGFILE_NAME = "logfile.log"
 
 logger = logging.getLogger(LOGGER_NAME)
+_plain_showwarning = warnings.showwarning
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """Our own warning classes (e.g. ``OperatingPointWarning``) as one log line; others as Python prints them."""
+    if category.__module__.startswith("stamp."):
+        logger.warning("%s", message)
+    else:
+        _plain_showwarning(message, category, filename, lineno, file, line)
 
 
 def setup_logging(verbosity: int = 0) -> logging.Logger:
-    """Send ``stamp`` log records to stderr: INFO by default, DEBUG with ``-v``."""
+    """Send ``stamp`` log records to stderr: INFO by default, DEBUG with ``-v``; our warnings go there too."""
+    warnings.showwarning = _show_warning
     logger.setLevel(logging.DEBUG)
     logger.propagate = False
     if not any(getattr(h, "_stamp_console", False) for h in logger.handlers):

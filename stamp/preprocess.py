@@ -66,7 +66,7 @@ _PKG = Path(stamp.__file__).parent
 
 def preprocessing_code_hash() -> str:
     """sha256 over the code that decides preprocessing outputs (slides, encoders, h5, this module)."""
-    files = [*(_PKG / "slides").glob("*.py"), *(_PKG / "encoders").glob("*.py")]
+    files = [*(_PKG / "slides").glob("*.py"), *(_PKG / "encoders").rglob("*.py")]  # families/ too
     files += [_PKG / "preprocess.py", _PKG / "features.py"]
     return code_hash(files)
 

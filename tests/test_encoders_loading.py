@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 
 from stamp.encoders import WeightsDigestError, WeightsNotFoundError, load_encoder
 from stamp.encoders.errors import WeightsUnverifiedError
+from stamp.encoders.families.timm_vit import FAMILY as TIMM_FAMILY
 from stamp.encoders.registry import EncoderSpec, InputSpec, WeightsSource, get_family, register, unregister
-from stamp.encoders.timm_vit import FAMILY as TIMM_FAMILY
 from stamp.encoders.transforms import to_model_input
 from stamp.encoders.weights import fetch_command, file_sha256, resolve_weights
 

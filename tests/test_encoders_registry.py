@@ -17,8 +17,31 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_all_stamp_names_plus_empty_and_demo():
-    assert len(STAMP_ENCODER_NAMES) == 19
-    assert set(ENCODERS) == {*STAMP_ENCODER_NAMES, "empty", "demo"}
+    assert len(STAMP_ENCODER_NAMES) == 19  # a fact about STAMP 2.5 (reference §2.2), not a registry count
+    assert {*STAMP_ENCODER_NAMES, "empty", "demo"} <= set(ENCODERS)
+
+
+def test_every_family_file_is_discovered():
+    """Each module of stamp/encoders/families registers at least one encoder; no list names them."""
+    import pkgutil
+
+    from stamp.encoders import families
+    from stamp.encoders.registry import get_family
+
+    modules = {m.name for m in pkgutil.iter_modules(families.__path__) if not m.name.startswith("_")}
+    assert all(f"stamp.encoders.families.{m}" in sys.modules for m in modules)
+    registered_by = {get_family(n).build.__module__.rsplit(".", 1)[-1] for n in ENCODERS}
+    assert modules <= registered_by
+
+
+def test_preprocessing_code_hash_covers_every_family_file():
+    import stamp.preprocess as pre
+    from stamp.hashing import code_hash
+
+    pkg = Path(pre.__file__).parent
+    files = [*(pkg / "slides").glob("*.py"), *(pkg / "encoders").rglob("*.py")]
+    assert any(f.parent.name == "families" for f in files)
+    assert pre.preprocessing_code_hash() == code_hash([*files, pkg / "preprocess.py", pkg / "features.py"])
 
 
 @pytest.mark.parametrize("name", list(ENCODERS))

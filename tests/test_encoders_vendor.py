@@ -20,7 +20,7 @@ def test_conch_native_tower_matches_vendor_coca(tmp_path):
     pytest.importorskip("conch.open_clip_custom")
     from conch.open_clip_custom.coca_model import CoCa
 
-    from stamp.encoders.conch import _classes
+    from stamp.encoders.families.conch import _classes
 
     cfg = {
         "embed_dim": 512,
@@ -64,7 +64,7 @@ def test_plip_transformers_build_matches_clip_model(tmp_path):
     pytest.importorskip("transformers")
     from transformers import CLIPConfig, CLIPModel
 
-    from stamp.encoders.plip import _CONFIG
+    from stamp.encoders.families.plip import _CONFIG
 
     spec = get_spec("plip")
     with torch.device("meta"):
@@ -90,7 +90,7 @@ def test_plip_transformers_build_matches_clip_model(tmp_path):
 
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from stamp.encoders.plip import _wrapper_class
+    from stamp.encoders.families.plip import _wrapper_class
 
     ours = _wrapper_class()(CLIPVisionModelWithProjection(CLIPVisionConfig(**small))).eval()
     get_family("plip").load_weights(ours, {"pytorch_model.bin": path}, spec)

@@ -22,8 +22,8 @@ import torch
 
 from stamp.encoders import load_encoder
 from stamp.encoders.errors import WeightsDigestError, WeightsOutsideRootError, WeightsUnverifiedError
+from stamp.encoders.families.timm_vit import FAMILY as TIMM_FAMILY
 from stamp.encoders.registry import get_spec, register, unregister
-from stamp.encoders.timm_vit import FAMILY as TIMM_FAMILY
 from stamp.encoders.weights import file_sha256
 from tests.test_encoders_loading import TINY, _tiny_spec
 
@@ -117,7 +117,7 @@ def test_remote_code_swapped_after_verification_never_runs(
     fake_transformers, titan_dir, tmp_path, monkeypatch
 ):
     wdir, lock, marker = titan_dir
-    import stamp.encoders.titan as titan
+    import stamp.encoders.families.titan as titan
 
     real = titan._require_vendor
 

@@ -1,5 +1,6 @@
 """Tile encoders: a registry of STAMP's 19 extractors (+ ``empty`` and the weight-free ``demo``),
-verified weight loading and batched feature extraction.
+verified weight loading and batched feature extraction. One file per family in
+:mod:`stamp.encoders.families` registers its encoders; the config accepts the registry's names.
 
 Importing this package is cheap (no torch); :func:`load_encoder` and :class:`Encoder`
 import torch on first use.
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from stamp.encoders.errors import (
     EncoderError,
     MissingExtraError,
+    OperatingPointWarning,
     UnknownEncoderError,
     WeightsDigestError,
     WeightsNotFoundError,
@@ -30,6 +32,7 @@ from stamp.encoders.registry import (
     InputSpec,
     WeightsSource,
     build_architecture,
+    check_operating_point,
     encoder_table,
     get_spec,
 )
@@ -45,6 +48,7 @@ __all__ = [
     "EncoderSpec",
     "InputSpec",
     "MissingExtraError",
+    "OperatingPointWarning",
     "UnknownEncoderError",
     "WeightsDigestError",
     "WeightsNotFoundError",
@@ -52,6 +56,7 @@ __all__ = [
     "WeightsSource",
     "WeightsUnverifiedError",
     "build_architecture",
+    "check_operating_point",
     "encoder_table",
     "encoder_weights_digest",
     "get_spec",

@@ -95,3 +95,10 @@ class WeightsOutsideRootError(EncoderError, ValueError):
             f"refusing weight file {self.path} of encoder {name!r}: it resolves to {self.real}, outside the "
             f"weights folder {self.root}; copy the file into {self.root} instead of linking to it"
         )
+
+
+class OperatingPointWarning(UserWarning):
+    """A preprocessing config whose tile scale or size is not the one the encoder was trained at.
+
+    Emitted when the config is validated; ``preprocessing.strict_operating_point: true`` makes it an error.
+    """

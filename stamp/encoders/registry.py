@@ -2,25 +2,28 @@
 
 Every entry is an :class:`EncoderSpec` (pure data: no torch import here, so listing
 the registry is instant) plus a :class:`Family` of hooks that build the network and
-load a state dict into it. The family modules (``timm_vit.py``, ``ctranspath.py``,
-``conch.py`` ...) declare their specs with :func:`register`; they import torch/timm
-only inside their hooks.
+load a state dict into it. Every module of :mod:`stamp.encoders.families`
+(``timm_vit.py``, ``ctranspath.py``, ``conch.py`` ...) is imported when this module is,
+and declares its specs with :func:`register`; they import torch/timm only inside their
+hooks. Adding a family is adding a file there: no list names the families.
 
-Names are STAMP's ``preprocessing.extractor`` values (plus ``demo``, a weight-free
-encoder for the demo and tests). ``dim`` and ``n_params`` are declared here and
-checked against the built architecture by the tests (on the meta device).
+Names are the values ``preprocessing.extractor`` accepts (the config schema asks this
+registry): STAMP's (:data:`STAMP_ENCODER_NAMES`) plus ``demo``, a weight-free encoder
+for the demo and tests. ``dim`` and ``n_params`` are declared here and checked against
+the built architecture by the tests (on the meta device). ``mpp`` and ``tile_px`` are
+the operating point that :func:`check_operating_point` compares a config with.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
-from stamp.config_models import EXTRACTOR_NAMES
 from stamp.encoders.errors import UnknownEncoderError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -188,8 +191,34 @@ _FAMILIES: dict[str, Family] = {}
 #: name -> spec, read-only view in registration order.
 ENCODERS: Mapping[str, EncoderSpec] = MappingProxyType(_SPECS)
 
-#: the 19 tile-encoder names STAMP 2.5 accepts (the config schema's list without "empty" and our "demo")
-STAMP_ENCODER_NAMES: tuple[str, ...] = tuple(n for n in EXTRACTOR_NAMES if n not in ("empty", "demo"))
+#: the 19 ``preprocessing.extractor`` values of STAMP 2.5 besides ``empty`` (a fact about STAMP,
+#: reference/stamp-facts.md §2.2; the registry holds each of them, tests check it)
+STAMP_ENCODER_NAMES: tuple[str, ...] = (
+    "ctranspath",
+    "chief-ctranspath",
+    "conch",
+    "conch1_5",
+    "uni",
+    "uni2",
+    "dino-bloom",
+    "gigapath",
+    "h-optimus-0",
+    "h-optimus-1",
+    "virchow",
+    "virchow-full",
+    "virchow2",
+    "musk",
+    "mstar",
+    "plip",
+    "keep",
+    "ticon",
+    "red-dino",
+)
+
+#: the config's µm/px and the encoder's ``mpp`` disagree when one exceeds the other by more than this
+#: factor. Scanners' "20x" ranges over about ±10% of 0.5 µm/px and STAMP's default 256 µm / 224 px
+#: (1.14 µm/px) is its 10x (1.0 µm/px) setting; magnifications are 2x apart.
+MPP_TOLERANCE = 1.2
 
 
 def register(spec: EncoderSpec, family: Family, *, replace: bool = False) -> EncoderSpec:
@@ -294,23 +323,37 @@ def encoder_table(names: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
-_BUILTIN_FAMILIES = (
-    "timm_vit",
-    "ctranspath",
-    "conch",
-    "titan",
-    "musk",
-    "plip",
-    "keep",
-    "ticon",
-    "empty",
-    "demo",
-)
+def check_operating_point(extractor: str, tile_size_um: float, tile_size_px: int) -> str | None:
+    """How tiles of ``tile_size_um`` µm at ``tile_size_px`` px miss the encoder's operating point, or ``None``.
+
+    The tiles' scale is ``tile_size_um / tile_size_px`` µm/px; it disagrees with the encoder's
+    declared ``mpp`` when the larger of the two is more than :data:`MPP_TOLERANCE` times the
+    smaller, and ``tile_size_px`` must equal its ``tile_px``. An encoder with ``mpp=None`` (weight-free, or no known scale) is not
+    checked. The answer is one line naming both sides and the values that would match.
+    """
+    spec = get_spec(extractor)
+    if spec.mpp is None:
+        return None
+    mpp = tile_size_um / tile_size_px
+    if max(mpp / spec.mpp, spec.mpp / mpp) <= MPP_TOLERANCE and tile_size_px == spec.tile_px:
+        return None
+    return (
+        f"preprocessing.tile_size_um/tile_size_px = {tile_size_um:g}/{tile_size_px} → {mpp:.3g} µm/px, "
+        f"but extractor {extractor!r} was trained at {spec.mpp:.3g} µm/px, {spec.tile_px} px "
+        f"(tile_size_um: {spec.mpp * spec.tile_px:g} and tile_size_px: {spec.tile_px} match it)"
+    )
 
 
-def _load_builtin() -> None:
-    for mod in _BUILTIN_FAMILIES:
-        importlib.import_module(f"stamp.encoders.{mod}")
+def _load_families() -> None:
+    """Import every module of :mod:`stamp.encoders.families` (each registers its encoders).
+
+    Modules whose name starts with ``_`` are helpers, not families, and are left alone.
+    """
+    from stamp.encoders import families
+
+    for module in pkgutil.iter_modules(families.__path__):
+        if not module.name.startswith("_"):
+            importlib.import_module(f"{families.__name__}.{module.name}")
 
 
-_load_builtin()
+_load_families()

@@ -140,14 +140,14 @@ def _classes():
 
 
 def build(spec: EncoderSpec):
-    from stamp.encoders.timm_vit import build as build_vit
+    from stamp.encoders.families.timm_vit import build as build_vit
 
     return _classes()(build_vit(get_spec("h-optimus-1"))).eval()
 
 
 def load_weights(model, files: Mapping[str, Path], spec: EncoderSpec) -> None:
+    from stamp.encoders.families.timm_vit import load_weights as load_vit
     from stamp.encoders.loading import load_strict, read_trusted
-    from stamp.encoders.timm_vit import load_weights as load_vit
 
     tile = {k.split("/", 1)[1]: p for k, p in files.items() if k.startswith("h-optimus-1/")}
     load_vit(model.tile_encoder, tile, get_spec("h-optimus-1"))
