@@ -39,6 +39,7 @@ from stamp_flows.phi import REDACT_TAG, redacting, redaction_scope
 
 logfilters.install()
 
+
 class StageFailed(RuntimeError):
     """A stage of the cohort flow did not complete (the message names the stage and why)."""
 

@@ -160,7 +160,9 @@ def default_num_workers() -> int:
 
 
 def _cuda_available() -> bool:
-    if sys.platform.startswith("linux") and not (glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd")):
+    if sys.platform.startswith("linux") and not (
+        glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd")
+    ):
         return False  # no GPU device node: torch would say no as well, after seconds of importing
     try:
         import torch  # deferred: importing torch costs seconds

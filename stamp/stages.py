@@ -25,7 +25,9 @@ class Stage:
     flow: str | None  # ``module:function`` of its Prefect flow; None while not built
     params: ParamStyle = "section"
     per_slide_tasks: bool = False  # its flow runs one task per slide on ``task_concurrency`` threads
-    image: str | None = None  # its container image (containers/<image>.Dockerfile) when it runs as a deployment
+    image: str | None = (
+        None  # its container image (containers/<image>.Dockerfile) when it runs as a deployment
+    )
     issue: int | None = None  # the issue that builds it, while not built
 
     @property

@@ -45,9 +45,7 @@ def _with_training(cfg: StampConfig) -> StampConfig:
 
 def test_stage_plan_order_and_parameters_for_a_full_config() -> None:
     cfg = _with_training(load_config(EXAMPLE_CONFIG))
-    assert all(getattr(cfg, s.section) is not None for s in STAGES), (
-        "every section is set"
-    )
+    assert all(getattr(cfg, s.section) is not None for s in STAGES), "every section is set"
     # crossval wins over training when both are there
     assert stage_plan(cfg) == [
         "preprocess",

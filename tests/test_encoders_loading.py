@@ -322,9 +322,10 @@ def test_weights_digest_without_building_equals_the_loaded_encoders(tiny, tmp_pa
     from stamp.encoders import encoder_weights_digest
 
     spec, ref, wdir, lock = tiny
-    assert encoder_weights_digest(TINY, weights_dir=wdir, lock=lock) == load_encoder(
-        TINY, weights_dir=wdir, lock=lock, strict=True
-    ).weights_sha256
+    assert (
+        encoder_weights_digest(TINY, weights_dir=wdir, lock=lock)
+        == load_encoder(TINY, weights_dir=wdir, lock=lock, strict=True).weights_sha256
+    )
     assert encoder_weights_digest("empty") == load_encoder("empty").weights_sha256
     assert encoder_weights_digest("demo") == load_encoder("demo").weights_sha256
     empty = load_encoder("empty")
