@@ -21,7 +21,7 @@ upper bounds; 50-150 tiles of 768-d per patient; seed 42; STAMP's default advanc
 | cohort (task:signal:patients) | model | before: metric / s | after: metric / s | mean-pool baseline |
 |---|---|---|---|---|
 | classification:mean:60 (AUROC) | vit | 0.756 / 1038 | 0.778 / 551 | 0.839 |
-| classification:mean:60 (AUROC) | abmil | see --before run | 0.983 / 149 | 0.839 |
+| classification:mean:60 (AUROC) | abmil | 0.500 / 220 | 0.983 / 149 (47 on a quieter rerun, same folds) | 0.839 |
 | classification:few:60 (AUROC) | vit | - | 0.606 / 424 | 0.633 |
 | classification:few:60 (AUROC) | abmil | - | 0.661 / 154 | 0.633 |
 | regression:mean:60 (Pearson r) | vit | - | 0.301 / 376 | 0.605 |
