@@ -73,7 +73,10 @@ def stage_parameters(stage: str, cfg: StampConfig) -> dict[str, Any]:
         from stamp.config_models import AdvancedConfig
 
         advanced = (cfg.advanced_config or AdvancedConfig()).model_dump(mode="json")
-        return {"section": section, "advanced": advanced}
+        params = {"section": section, "advanced": advanced}
+        if stage == "crossval" and "task_concurrency" in cfg.orchestration.model_fields_set:
+            params["task_concurrency"] = cfg.orchestration.task_concurrency  # folds at once
+        return params
     return {row.params: section}
 
 

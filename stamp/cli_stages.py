@@ -62,8 +62,12 @@ def cmd_crossval(args: argparse.Namespace) -> int:
     _configure_prefect(args, cfg)
     from stamp_flows.modeling import crossval_flow
 
-    # folds run one at a time in a process: training sets global torch state (seeds, determinism)
-    result = _run_flow(crossval_flow, section=sec.model_dump(mode="json"), advanced=_advanced(cfg))
+    # folds at once: orchestration.task_concurrency when the config sets it, else one per CPU core (one on a GPU)
+    orch = cfg.orchestration
+    folds = orch.task_concurrency if "task_concurrency" in orch.model_fields_set else None
+    result = _run_flow(
+        crossval_flow, section=sec.model_dump(mode="json"), advanced=_advanced(cfg), task_concurrency=folds
+    )
     print(result["summary"], end="")
     print(f"crossval: {len(result['folds'])} folds in {result['seconds']:.1f} s → {result['output_dir']}")
     return 0
