@@ -211,6 +211,26 @@ def test_vit_cls_only_last_block_matches_a_full_last_block() -> None:
         )
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_vit_feedforward_dropout_is_stamps_fixed_half(dropout: float) -> None:
+    """As STAMP: feed-forward dropout 0.5 whatever ``dropout`` says; ``dropout`` for projection and attention."""
+    model = build_model("vit", dim_input=D, n_outputs=2, params={**TINY["vit"], "dropout": dropout})
+    blocks = list(model.blocks)
+    assert len(blocks) == 2
+    for block in blocks:
+        ff_drops = [m.p for m in block.ff.modules() if isinstance(m, torch.nn.Dropout)]
+        assert ff_drops == [0.5, 0.5]
+        assert block.attn.dropout == dropout
+    assert [m.p for m in model.project.modules() if isinstance(m, torch.nn.Dropout)] == [dropout]
+    # dropout acts in train mode (stochastic output at dropout=0.0 comes from the FF dropout), not in eval
+    feats, coords = _bag(1, 10)
+    with torch.no_grad():
+        model.train()
+        assert not torch.equal(model(feats, coords), model(feats, coords))
+        model.eval()
+        assert torch.equal(model(feats, coords), model(feats, coords))
+
+
 # ------------------------------------------------------------------ ALiBi, Nyström, positional encoding
 def test_mean_pairwise_distance_and_running_unit() -> None:
     coords = torch.tensor([[[0.0, 0.0], [3.0, 4.0], [6.0, 8.0], [99.0, 99.0]]])

@@ -174,8 +174,10 @@ class FeedForward(nn.Sequential):
 class PreNormBlock(nn.Module):
     """``x + Drop(MHSA(LN(x)))``, then ``x + FF(LN(x))`` (pre-LayerNorm transformer block).
 
-    ``queries="cls"`` computes the block's output for the first token only (its keys/values still
-    come from all tokens): the last ViT block needs nothing else, which halves deploy time.
+    ``dropout`` is used on the attention weights and, unless ``ff_dropout`` is given, in the
+    feed-forward part. ``cls_only=True`` computes the block's output for the first token only (its
+    keys/values still come from all tokens): the last ViT block needs nothing else, which halves
+    deploy time.
     """
 
     def __init__(
@@ -187,13 +189,14 @@ class PreNormBlock(nn.Module):
         *,
         activation: str = "gelu",
         residual_dropout: float = 0.0,
+        ff_dropout: float | None = None,
     ) -> None:
         super().__init__()
         self.norm_attn = nn.LayerNorm(dim)
         self.attn = MultiHeadAttention(dim, n_heads, dropout)
         self.drop = nn.Dropout(residual_dropout)
         self.norm_ff = nn.LayerNorm(dim)
-        self.ff = FeedForward(dim, dim_feedforward, dropout, activation)
+        self.ff = FeedForward(dim, dim_feedforward, dropout if ff_dropout is None else ff_dropout, activation)
 
     def forward(
         self,

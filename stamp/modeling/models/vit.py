@@ -6,10 +6,15 @@ Architecture (re-derived from STAMP's description, Dosovitskiy et al. 2021 and V
 GELU, Dropout, Linear, Dropout`` + residual); a final LayerNorm; a linear head on the class token.
 There is no positional encoding unless ``use_alibi`` adds a tile-distance bias (``alibi.py``).
 
+Dropout as in STAMP: the configured ``dropout`` after the projection and on the attention
+weights; the feed-forward dropout is fixed at :data:`FF_DROPOUT` = 0.5 whatever ``dropout`` says
+(at STAMP's default ``dropout`` of 0.0 it is the only dropout). Dropout has no parameters:
+checkpoints are unaffected. It does not stop the model memorising a small cohort's training bags
+(issue #15: 60-patient cohort, training loss below 0.01 by epoch ~10 with it too;
+``bench/bench_modeling_defaults.py``).
+
 Differences from STAMP 2.5, on purpose:
 
-* the configured ``dropout`` is used everywhere (STAMP hard-wires the feed-forward dropout to
-  0.5 and uses ``dropout`` only after the projection and on the attention weights);
 * the padding mask is honoured (STAMP drops it for memory), so a padded bag gives the same
   output as the bag without padding;
 * the last block computes its output for the class token only (the other tokens' outputs of the
@@ -24,6 +29,9 @@ from torch import Tensor, nn
 
 from stamp.modeling.models.alibi import AlibiBias
 from stamp.modeling.models.attention import BiasFn, PreNormBlock, rowwise
+
+FF_DROPOUT = 0.5
+"""Feed-forward dropout of every block, hard-wired as in STAMP (not the configured ``dropout``)."""
 
 
 class VisionTransformer(nn.Module):
@@ -45,7 +53,9 @@ class VisionTransformer(nn.Module):
         self.project = nn.Sequential(nn.Linear(dim_input, dim_model), nn.GELU(), nn.Dropout(dropout))
         self.class_token = nn.Parameter(torch.randn(dim_model))
         self.blocks = nn.ModuleList(
-            PreNormBlock(dim_model, n_heads, dim_feedforward, dropout, activation="gelu")
+            PreNormBlock(
+                dim_model, n_heads, dim_feedforward, dropout, activation="gelu", ff_dropout=FF_DROPOUT
+            )
             for _ in range(n_layers)
         )
         self.norm = nn.LayerNorm(dim_model)
