@@ -72,11 +72,11 @@ def crossval_report(rows: list[dict[str, Any]], model: str = "model") -> tuple[l
     )
     lines = ["# crossval", "", head, "|---" * (5 if has_base else 3) + "|"]
     for key in _metric_keys(rows):
-        mean, lo, hi = mean_ci([float(r[key]) for r in rows])
+        mean, lo, hi = mean_ci([float(r[key]) for r in rows], key=key)
         line = f"| {key} | {mean:.3f} | {lo:.3f} – {hi:.3f} |"
         if has_base:
             if f"baseline_{key}" in rows[0]:
-                bmean, blo, bhi = mean_ci([float(r[f"baseline_{key}"]) for r in rows])
+                bmean, blo, bhi = mean_ci([float(r[f"baseline_{key}"]) for r in rows], key=key)
                 line += f" {bmean:.3f} | {blo:.3f} – {bhi:.3f} |"
             else:
                 line += " | |"

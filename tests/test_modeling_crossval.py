@@ -178,3 +178,14 @@ def test_demo_cohort_crossval_reaches_the_acceptance_figures(
     )
     paths = run_crossval(cohort, tmp_path, n_splits=5, advanced=advanced)
     assert _pooled(paths, task) >= floor
+
+
+def test_crossval_and_statistics_give_the_same_interval_for_the_same_folds() -> None:
+    """One t-interval (issue #12): the crossval summary's CI is the statistics stage's, clipped alike."""
+    from stamp.modeling.stage import mean_ci
+    from stamp.statistics.bootstrap import t_interval
+
+    folds = [0.99, 1.0, 0.62, 1.0, 0.97]
+    assert mean_ci(folds, key="auroc_isMSIH") == t_interval(folds, bounds=(0.0, 1.0))
+    assert mean_ci(folds, key="auroc_isMSIH")[2] == 1.0, "an AUROC interval never passes 1"
+    assert mean_ci([0.3, None, 0.5], key="pearson_r")[0] == 0.4  # type: ignore[list-item]

@@ -234,8 +234,8 @@ def baseline_comparison(rows: Sequence[Mapping[str, Any]], model_name: str) -> t
     warnings: list[str] = []
     keys = [k for k in (rows[0] if rows else {}) if f"baseline_{k}" in rows[0]]
     for key in keys:
-        mean, lo, hi = mean_ci([_float(r.get(key)) for r in rows])
-        bmean, blo, bhi = mean_ci([_float(r.get(f"baseline_{key}")) for r in rows])
+        mean, lo, hi = mean_ci([_float(r.get(key)) for r in rows], key=key)
+        bmean, blo, bhi = mean_ci([_float(r.get(f"baseline_{key}")) for r in rows], key=key)
         lines.append(
             f"{key}: {model_name} {_fmt(mean)} [{_fmt(lo)}–{_fmt(hi)}] vs {BASELINE_NAME} "
             f"{_fmt(bmean)} [{_fmt(blo)}–{_fmt(bhi)}]"
@@ -283,14 +283,20 @@ def preds_metrics(preds_csv: Path, cohort: CohortData) -> dict[str, float]:
     return {k: (round(v, 4) if isinstance(v, float) and not math.isnan(v) else v) for k, v in out.items()}
 
 
-def mean_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
-    """Mean and Student-t confidence interval over folds (nan-safe; (mean, lo, hi))."""
-    from scipy import stats
+def metric_bounds(key: str) -> tuple[float, float] | None:
+    """The range of a fold metric (``auroc_<target>``, ``c_index``, ``pearson_r``, ``mae``...) or None."""
+    if key.startswith(("auroc", "auprc", "c_index")):
+        return (0.0, 1.0)
+    if key.startswith("pearson_r"):
+        return (-1.0, 1.0)
+    if key.startswith("mae"):
+        return (0.0, math.inf)
+    return None
 
-    arr = np.array([v for v in values if v is not None and not math.isnan(v)], dtype=np.float64)
-    if len(arr) == 0:
-        return math.nan, math.nan, math.nan
-    if len(arr) == 1:
-        return float(arr[0]), math.nan, math.nan
-    half = float(stats.t.ppf(0.5 + confidence / 2, len(arr) - 1) * arr.std(ddof=1) / math.sqrt(len(arr)))
-    return float(arr.mean()), float(arr.mean() - half), float(arr.mean() + half)
+
+def mean_ci(values: list[float], confidence: float = 0.95, key: str = "") -> tuple[float, float, float]:
+    """Mean and Student-t interval over folds: the statistics stage's :func:`t_interval` (clipped to the
+    range of metric ``key``), so crossval and statistics print the same interval for the same folds."""
+    from stamp.statistics.bootstrap import t_interval
+
+    return t_interval(values, confidence, bounds=metric_bounds(key))
