@@ -63,4 +63,6 @@ def test_stage_parameters_follow_the_table(tmp_path) -> None:  # noqa: ANN001
     assert set(stage_parameters("crossval", cfg)) == {"section", "advanced"}
     assert set(stage_parameters("statistics", cfg)) == {"section"}
     cfg_path.write_text(cfg_path.read_text() + "orchestration:\n  task_concurrency: 1\n")
-    assert stage_parameters("crossval", load_config(cfg_path))["task_concurrency"] == 1, "folds at once, as set"
+    assert stage_parameters("crossval", load_config(cfg_path))["task_concurrency"] == 1, (
+        "folds at once, as set"
+    )
