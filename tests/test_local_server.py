@@ -83,6 +83,7 @@ def home(tmp_path: Path):  # noqa: ANN201
     stop_server(folder)
 
 
+@pytest.mark.slow  # starts a server (~30-60 s on 2 cores)
 def test_two_commands_starting_at_once_start_one_server_that_a_third_reuses(home: Path) -> None:
     env = _env(home)
     procs = [
@@ -104,6 +105,7 @@ def test_two_commands_starting_at_once_start_one_server_that_a_third_reuses(home
     assert third.stdout.split()[1] == record["api_url"] and _server_processes(home) == [record["pid"]]
 
 
+@pytest.mark.slow  # starts a server (~30-60 s on 2 cores)
 def test_stamp_v_prints_the_timing_line_and_reuses_the_server(home: Path, tmp_path: Path) -> None:
     preds = tmp_path / "preds.csv"
     rows = ["PATIENT,isMSIH,pred,isMSIH_MSIH,isMSIH_nonMSIH,loss"]
@@ -137,6 +139,7 @@ def test_stamp_v_prints_the_timing_line_and_reuses_the_server(home: Path, tmp_pa
     assert servers[0] == servers[1] and _server_processes(home) == servers[:1], "the second command reused it"
 
 
+@pytest.mark.slow  # starts a server (~30-60 s on 2 cores)
 def test_idle_server_stops_only_when_no_command_holds_it(home: Path) -> None:
     env = _env(home, STAMP_SERVER_IDLE_MINUTES="0.05")  # 3 s; checked every CHECK_EVERY_S
     holder = subprocess.Popen(
