@@ -184,7 +184,9 @@ def test_build_refuses_a_planted_base_image_tar(tmp_path: Path, kind: str) -> No
 # --------------------------------------------------------------------------- slurm-up.sh, slurm-down.sh
 
 SANDBOX_SETUP = (
-    "mount -t tmpfs tmpfs /etc/slurm && mkdir -p /run/munge && mount -t tmpfs tmpfs /run/munge || exit 90; "
+    # a host without SLURM has no /etc/slurm to cover: an empty mount point is made for the tmpfs
+    "mkdir -p /etc/slurm && mount -t tmpfs tmpfs /etc/slurm && mkdir -p /run/munge "
+    "&& mount -t tmpfs tmpfs /run/munge || exit 90; "
 )
 
 
