@@ -70,8 +70,20 @@ def _watch(stop: Any) -> None:  # pragma: no cover - in workers
         clear_stop()
 
 
+def _exit_with_parent(parent: int) -> None:  # pragma: no cover - in workers
+    """End this worker when the process that started it is gone (``kill -9`` of ``stamp crossval``): an
+    orphaned fold would keep training, holding the cores and the output pipe of a dead run."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
 def _init(threads: int, budget: int, stop: Any, queue: Any) -> None:  # pragma: no cover - in workers
     import torch
+
+    threading.Thread(
+        target=_exit_with_parent, args=(os.getppid(),), daemon=True, name="stamp-parent-watch"
+    ).start()
 
     torch.set_num_threads(threads)
     os.environ["STAMP_BAG_CACHE_BYTES"] = str(budget)
