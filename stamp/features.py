@@ -149,6 +149,53 @@ def _decode(value: Any) -> Any:
     return value
 
 
+@dataclass(frozen=True)
+class FeatureHeader:
+    """A feature h5's attributes and the shape of its features, read without loading any data."""
+
+    attrs: dict[str, Any]
+    #: shape of ``feats`` (or the older ``patch_embeddings``); None when the file has neither
+    shape: tuple[int, ...] | None
+
+    @property
+    def feat_type(self) -> str:
+        """``tile``, ``slide`` or ``patient`` (see :func:`feat_type_of`)."""
+        return feat_type_of(self.attrs)
+
+    @property
+    def extractor(self) -> str | None:
+        """The tile extractor or slide/patient encoder that wrote the features (see :func:`extractor_of`)."""
+        return extractor_of(self.attrs)
+
+
+def feat_type_of(attrs: Mapping[str, Any]) -> str:
+    """The file's ``feat_type``; files without one are tile features, or slide embeddings when they
+    name an ``encoder`` (STAMP's slide encoders before ``feat_type`` existed)."""
+    return str(attrs.get("feat_type") or ("slide" if "encoder" in attrs else "tile"))
+
+
+def extractor_of(attrs: Mapping[str, Any]) -> str | None:
+    """The tile extractor (``extractor``) or slide/patient encoder (``encoder``) a file records."""
+    return attrs.get("extractor") or attrs.get("encoder")
+
+
+def read_feature_header(path: str | os.PathLike[str], only: tuple[str, ...] | None = None) -> FeatureHeader:
+    """The attributes (``only`` these, when given: reading all of them costs ~20 ms a file) and the
+    features' shape of a feature h5; raises :class:`FeatureFileError` when it cannot be read."""
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as h5:
+            keys = h5.attrs.keys() if only is None else [k for k in only if k in h5.attrs]
+            attrs = {k: _decode(h5.attrs[k]) for k in keys}
+            name = next((n for n in ("feats", "patch_embeddings") if n in h5), None)
+            shape = tuple(h5[name].shape) if name is not None else None
+    except (OSError, KeyError) as exc:
+        raise FeatureFileError(
+            f"{path}: not a readable h5 feature file ({exc}); re-run preprocess for it"
+        ) from exc
+    return FeatureHeader(attrs, shape)
+
+
 def read_features(path: str | os.PathLike[str]) -> Features:
     """Load a feature h5 written by us or by any STAMP version (see module docstring)."""
     path = Path(path)
@@ -167,12 +214,12 @@ def read_features(path: str | os.PathLike[str]) -> Features:
         else:
             raise FeatureFileError(f"{path}: no 'feats' dataset; is this a STAMP feature file?")
         coords = h5["coords"][()] if "coords" in h5 else None
-    feat_type = str(attrs.get("feat_type") or ("slide" if "encoder" in attrs else "tile"))
+    feat_type = feat_type_of(attrs)
     if feat_type not in FEAT_TYPES:
         raise FeatureFileError(
             f"{path}: unknown feat_type {feat_type!r} (expected one of {', '.join(FEAT_TYPES)})"
         )
-    extractor = attrs.get("extractor") or attrs.get("encoder")
+    extractor = extractor_of(attrs)
     if feat_type != "tile":
         return Features(
             feats.reshape(1, -1) if feats.ndim == 1 else feats, None, feat_type, None, None, extractor, attrs

@@ -15,9 +15,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-import h5py
-
 from stamp.confinement import check_input
+from stamp.features import FeatureFileError, read_feature_header
 
 logger = logging.getLogger("stamp")
 
@@ -35,15 +34,16 @@ class FeatureProbe(NamedTuple):
 def probe_feature_file(path: Path) -> FeatureProbe:
     """Type, tile count and dim of a feature h5 from its attrs and shapes (no data read)."""
     try:
-        with h5py.File(path, "r") as h5:
-            attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in h5.attrs.items()}
-            shape = (h5["feats"] if "feats" in h5 else h5["patch_embeddings"]).shape
-    except (OSError, KeyError):
+        header = read_feature_header(path)
+    except FeatureFileError:
         return FeatureProbe(None)
-    ftype = str(attrs.get("feat_type") or ("slide" if "encoder" in attrs else "tile"))
+    shape = header.shape
+    if shape is None:
+        return FeatureProbe(None)
+    ftype = header.feat_type
     n = shape[0] if ftype == "tile" and len(shape) == 2 else 1
-    extractor = attrs.get("extractor") or attrs.get("encoder")
-    return FeatureProbe(ftype, n, shape[-1] if shape else 0, extractor, attrs.get("weights_sha256"))
+    weights = header.attrs.get("weights_sha256")
+    return FeatureProbe(ftype, n, shape[-1] if shape else 0, header.extractor, weights)
 
 
 def scan_feature_dir(feature_dir: Path) -> dict[Path, FeatureProbe]:
