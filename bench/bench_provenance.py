@@ -33,18 +33,23 @@ def _checks(out: Path) -> tuple[float, int]:
     from stamp.heatmaps.render import check_heatmaps
     from stamp.modeling.crossval import check_fold, fold_dir, prepare_splits
     from stamp.modeling.stage import training_cohort
-    from stamp.preprocess import serve_cached, slide_provenance
+    from stamp.preprocessing import (
+        feature_dir,
+        h5_path_for,
+        params_from_config,
+        serve_cached,
+        slide_provenance,
+    )
     from stamp.slides import find_slides
     from stamp.statistics.api import check_statistics
     from stamp.synthetic import check_cohort
-    from stamp_flows.preprocess import feature_dir, h5_path_for, params_from_config
     from stamp_tasks.preprocess import PREPROCESS_CODE_VERSION, get_encoder
 
     cfg = load_config(out / "config.yaml")
     pre, cv, st, hm = cfg.preprocessing, cfg.crossval, cfg.statistics, cfg.heatmaps
     assert pre is not None and cv is not None and st is not None and hm is not None
     encoder = get_encoder(pre.extractor, None, "cpu")
-    params, feat = params_from_config(pre), feature_dir(pre)
+    params, feat = params_from_config(pre), feature_dir(pre, PREPROCESS_CODE_VERSION)
     adv = cfg.advanced_config or AdvancedConfig()
     cohort = training_cohort(cv)
     splits = prepare_splits(cohort, Path(cv.output_dir), cv.n_splits, adv.seed)

@@ -23,9 +23,9 @@ from stamp.config import dump_config, load_config
 from stamp.config_models import PreprocessingConfig
 from stamp.fileio import atomic_path
 from stamp.logs import logger
+from stamp.preprocessing import feature_dir
 from stamp.synthetic import load_cohort
 from stamp_flows.cohort import cohort_flow, stage_subflow_settings
-from stamp_flows.preprocess import feature_dir
 from stamp_flows.synth import synth_flow
 
 N_SPLITS = 5

@@ -9,11 +9,9 @@ with an artifact table, ``summary.md`` in the feature folder and per-status coun
 from __future__ import annotations
 
 import logging
-import os
 import random
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +26,18 @@ from stamp.escaping import markdown_cell, markdown_code
 from stamp.fileio import atomic_write_text, sweep_temps
 from stamp.hashing import shared_index
 from stamp.logs import logger
-from stamp.preprocess import (
-    PreprocessParams,
+from stamp.preprocessing import (
     SlideFailed,
+    colliding_outputs,
+    feature_dir,
+    h5_path_for,
+    params_from_config,
     serve_cached,
     slide_provenance,
 )
 from stamp.provenance import Provenance
 from stamp.slidelock import SlideLocked
-from stamp.slides import TilingParams, find_slides
+from stamp.slides import find_slides
 from stamp_flows.phi import artifact_rows, artifact_text, run_label
 from stamp_flows.runners import thread_pool
 from stamp_tasks.preprocess import PREPROCESS_CODE_VERSION, preprocess_slide
@@ -63,66 +64,6 @@ TABLE_COLUMNS = (
     "tiles_rejected",
     "seconds",
 )
-
-
-def feature_dir(cfg: PreprocessingConfig) -> Path:
-    """``<output_dir>/<extractor>-<code hash 8>`` (STAMP's layout), or without hash if disabled."""
-    name = f"{cfg.extractor}-{PREPROCESS_CODE_VERSION[:8]}" if cfg.generate_hash else cfg.extractor
-    return Path(cfg.output_dir) / name
-
-
-def h5_path_for(slide: Path, wsi_dir: Path, feat_dir: Path) -> Path:
-    """Mirror the slide's path under ``wsi_dir`` inside ``feat_dir``, with suffix ``.h5``.
-
-    The path is taken as written (a slide in a symlinked sub-folder keeps that sub-folder); a slide
-    outside ``wsi_dir`` (a ``wsi_list`` entry) gets its file name only.
-    """
-    try:
-        rel = Path(os.path.normpath(slide)).relative_to(os.path.normpath(wsi_dir))
-    except ValueError:
-        try:
-            rel = slide.resolve().relative_to(wsi_dir.resolve())
-        except ValueError:
-            rel = Path(slide.name)
-    return feat_dir / rel.with_suffix(".h5")
-
-
-def colliding_outputs(h5_paths: dict[Path, Path]) -> dict[Path, str]:
-    """Slides that would share one h5 with another slide → the one-line reason they are refused."""
-    by_h5: dict[Path, list[Path]] = defaultdict(list)
-    for slide, h5 in h5_paths.items():
-        by_h5[h5].append(slide)
-    out: dict[Path, str] = {}
-    for h5, slides in by_h5.items():
-        if len(slides) > 1:
-            names = ", ".join(str(s) for s in sorted(slides))
-            for s in slides:
-                out[s] = (
-                    f"{len(slides)} slides would share the feature file {h5.name} ({names}); "
-                    "rename them or list them by paths under wsi_dir"
-                )
-    return out
-
-
-def params_from_config(cfg: PreprocessingConfig) -> PreprocessParams:
-    """The preprocessing parameters a config section asks for."""
-    tiling = TilingParams(
-        tile_size_um=cfg.tile_size_um,
-        tile_size_px=cfg.tile_size_px,
-        brightness_cutoff=cfg.brightness_cutoff,
-        canny_cutoff=cfg.canny_cutoff,
-        tissue_method=cfg.tissue_method,
-        min_tissue_fraction=cfg.min_tissue_fraction,
-        max_workers=cfg.max_workers,
-    )
-    return PreprocessParams(
-        extractor=cfg.extractor,
-        tiling=tiling,
-        reader=cfg.reader,
-        default_slide_mpp=cfg.default_slide_mpp,
-        stain_norm=cfg.stain_norm,
-        batch_size=cfg.batch_size,
-    )
 
 
 def _row(
@@ -200,7 +141,7 @@ def preprocess_flow(config: dict[str, Any], shard: int = 0, shards: int = 1) -> 
     wsi_dir = Path(cfg.wsi_dir)
     slides = sorted(find_slides(wsi_dir, cfg.wsi_list))[shard::shards]
     random.Random().shuffle(slides)  # system entropy: concurrent runs start on different slides
-    feat_dir = feature_dir(cfg)
+    feat_dir = feature_dir(cfg, PREPROCESS_CODE_VERSION)
     sweep_temps(feat_dir)  # what a killed run left behind
     device = resolve_device(cfg.device)
     # the weights are verified now (fail fast); the network is built by the first slide that needs it

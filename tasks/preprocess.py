@@ -4,7 +4,7 @@ Key = slide content sha256 + the parameters that change features (tiling, tissue
 reader, mpp fallback, extractor) + encoder weights digest + preprocessing code version.
 The output path is not part of the key: a moved slide or output folder hits the cache and
 the flow places the cached outputs at the new path. A hit is served only after the outputs'
-own provenance is checked (:func:`stamp.preprocess.check_slide_outputs`). Failures raise (so
+own provenance is checked (:func:`stamp.preprocessing.check_slide_outputs`). Failures raise (so
 they are never cached).
 """
 
@@ -18,7 +18,7 @@ from prefect import task
 
 from stamp.encoders import Encoder, load_encoder
 from stamp.hashing import shared_index
-from stamp.preprocess import PreprocessParams, preprocessing_code_hash, process_slide
+from stamp.preprocessing import PreprocessParams, preprocessing_code_hash, process_slide
 from stamp.slides import TilingParams
 from stamp_tasks.cache import content_cache_policy
 from stamp_tasks.results import RESULT_OPTIONS

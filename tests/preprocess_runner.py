@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-import stamp.preprocess as stage_module
+import stamp.preprocessing.extract as stage_module
 from stamp.config_models import PreprocessingConfig
 from stamp_flows.preprocess import run_preprocess
 

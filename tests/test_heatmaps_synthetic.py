@@ -31,7 +31,7 @@ MODEL_PARAMS = {
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from stamp.encoders import load_encoder
-    from stamp.preprocess import PreprocessParams, extract_slide
+    from stamp.preprocessing import PreprocessParams, extract_slide
     from stamp.slides import TilingParams
     from stamp.synthetic import write_cohort
 

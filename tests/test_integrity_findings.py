@@ -32,10 +32,12 @@ from stamp.features import read_features, write_tile_features
 from stamp.hashing import file_sha256
 from stamp.heatmaps import HeatmapError, HeatmapJob, plan_heatmaps, render_slide
 from stamp.heatmaps.render import check_heatmaps
-from stamp.preprocess import (
+from stamp.preprocessing import (
     PreprocessParams,
     SlideFailed,
     SlideReport,
+    colliding_outputs,
+    h5_path_for,
     output_paths,
     process_slide,
     serve_cached,
@@ -44,7 +46,6 @@ from stamp.preprocess import (
 from stamp.provenance import FOLDER_RECORD, Provenance, Verdict, read_record, record_path
 from stamp.slides import TilingParams, find_slides
 from stamp.synthetic import SlideSpec, write_slide
-from stamp_flows.preprocess import colliding_outputs, h5_path_for
 from tests.conftest import leftover_temps
 from tests.test_heatmaps import MPP, H, W, _grid_features, _h5, _linear_ckpt
 

@@ -10,7 +10,7 @@ import pytest
 
 from stamp.encoders import load_encoder
 from stamp.features import read_features
-from stamp.preprocess import PreprocessParams, SlideFailed, extract_slide, output_paths
+from stamp.preprocessing import PreprocessParams, SlideFailed, extract_slide, output_paths
 from stamp.slides import TilingParams
 from stamp.synthetic import SlideSpec, write_slide
 
@@ -66,7 +66,7 @@ def test_finished_outputs_are_reused_only_with_the_same_provenance(
 ) -> None:  # noqa: ANN001
     from dataclasses import replace
 
-    from stamp.preprocess import check_slide_outputs, process_slide, slide_provenance
+    from stamp.preprocessing import check_slide_outputs, process_slide, slide_provenance
 
     params = PreprocessParams(extractor="demo", tiling=TilingParams(max_workers=2))
     h5 = tmp_path / "pos.h5"

@@ -99,13 +99,13 @@ def test_cache_second_run_reads_no_slide(
     assert first["counts"]["done"] == n
 
     import stamp.hashing
-    import stamp.preprocess
+    import stamp.preprocessing.extract
 
     def forbidden(*_a: object, **_k: object) -> None:
         raise AssertionError("an unchanged cohort must not read any slide")
 
     with monkeypatch.context() as m:
-        m.setattr(stamp.preprocess, "open_slide", forbidden)
+        m.setattr(stamp.preprocessing.extract, "open_slide", forbidden)
         m.setattr(stamp.hashing, "file_sha256", forbidden)
         second = _run(cfg)
     assert second["counts"]["cached"] == n and second["counts"]["done"] == 0

@@ -6,69 +6,49 @@ batches while the next supertiles are being read. Tiles reach the encoder in the
 order and in fixed-size batches, so features (and the h5 bytes) do not depend on thread
 timing. Outputs are written to temp names and published as one unit with a provenance record
 (:mod:`stamp.provenance`); :func:`process_slide` reuses a slide's finished outputs only when their
-record says they come from the same slide bytes, parameters, weights and code.
+record says they come from the same slide bytes, parameters, weights and code
+(:func:`stamp.preprocessing.outputs.check_slide_outputs`). Part of :mod:`stamp.preprocessing`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import queue
-import shutil
 import sys
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Generator, Iterator
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import cv2
-import h5py
 import numpy as np
 from tqdm import tqdm
 
 import stamp
 from stamp.features import PROVENANCE_ATTR, write_tile_features
 from stamp.fileio import staged_file
-from stamp.hashing import code_hash, file_sha256
+from stamp.hashing import file_sha256
 from stamp.logs import logger
-from stamp.provenance import (
-    Check,
-    ForeignOutput,
-    Provenance,
-    Subject,
-    Verdict,
-    canonical_json,
-    check_files,
-    publish_files,
-    read_record,
-    record_path,
+from stamp.preprocessing.outputs import (
+    check_slide_outputs,
+    claims_outputs,
+    h5_header,
+    n_tiles,
+    output_paths,
+    recorded_outputs,
+    slide_provenance,
+    slide_subject,
 )
+from stamp.preprocessing.params import PreprocessParams, preprocessing_code_hash
+from stamp.provenance import ForeignOutput, Provenance, Verdict, canonical_json, publish_files
 from stamp.slidelock import OutputLock
-from stamp.slides import (
-    SlideError,
-    TilePlan,
-    TilingParams,
-    iter_tile_batches,
-    open_slide,
-    plan_tiles,
-    resolve_mpp,
-)
+from stamp.slides import SlideError, TilePlan, iter_tile_batches, open_slide, plan_tiles, resolve_mpp
 from stamp.slides.qc import write_rejection_thumbnail, write_tissue_geojson
 from stamp.slides.reader_base import SlideReader
 from stamp.stopping import check_stop
-
-_PKG = Path(stamp.__file__).parent
-
-
-def preprocessing_code_hash() -> str:
-    """sha256 over the code that decides preprocessing outputs (slides, encoders, h5, this module)."""
-    files = [*(_PKG / "slides").glob("*.py"), *(_PKG / "encoders").rglob("*.py")]  # families/ too
-    files += [_PKG / "preprocess.py", _PKG / "features.py"]
-    return code_hash(files)
 
 
 class TileEncoder(Protocol):
@@ -87,35 +67,6 @@ class SlideFailed(Exception):
     def __init__(self, slide: Path | str, reason: str) -> None:
         super().__init__(f"{Path(slide).name}: {reason}")
         self.slide, self.reason = str(slide), reason
-
-
-@dataclass(frozen=True)
-class PreprocessParams:
-    """Everything that decides a slide's features, plus how to run (workers, batch, device)."""
-
-    extractor: str
-    tiling: TilingParams = field(default_factory=TilingParams)
-    reader: str = "auto"
-    default_slide_mpp: float | None = None
-    stain_norm: str | None = None
-    batch_size: int = 64
-
-    def cache_params(self) -> dict[str, Any]:
-        """The parameters that change outputs (cache key material; not workers/batch/device)."""
-        tiling = {k: v for k, v in asdict(self.tiling).items() if k not in ("max_workers",)}
-        return {
-            "extractor": self.extractor,
-            "tiling": tiling,
-            "reader": self.reader,
-            "default_slide_mpp": self.default_slide_mpp,
-            "stain_norm": self.stain_norm,
-        }
-
-    def digest(self) -> str:
-        """sha256 of :meth:`cache_params` (recorded as ``config_sha256`` in the h5)."""
-        return hashlib.sha256(
-            json.dumps(self.cache_params(), sort_keys=True, default=str).encode()
-        ).hexdigest()
 
 
 @dataclass
@@ -144,91 +95,10 @@ class SlideReport:
         return asdict(self)
 
 
-def slide_provenance(
-    slide_sha256: str, params: PreprocessParams, weights_sha256: str, code: str
-) -> Provenance:
-    """What a slide's features are computed from: its bytes, the feature parameters, weights and code."""
-    return Provenance(
-        stage="preprocess",
-        inputs={"slide": slide_sha256},
-        settings=params.cache_params(),
-        code=code,
-        weights=weights_sha256,
-    )
-
-
-def slide_subject(slide_path: Path, slide_sha256: str) -> Subject:
-    """The slide an output unit is about (its resolved path and content digest)."""
-    return Subject(str(Path(slide_path).resolve()), slide_sha256)
-
-
-_CHECK_ATTRS = (PROVENANCE_ATTR, "stamp_orchestrated_version", "slide_sha256")
-
-
-def _h5_attrs(h5_path: Path, only: tuple[str, ...] | None = None) -> dict[str, Any] | None:
-    """The h5's attributes (``only`` these, when given: reading all of them costs ~20 ms a file)
-    plus ``_n_tiles``; None when it cannot be read."""
-    try:
-        with h5py.File(h5_path, "r") as h5:
-            keys = h5.attrs.keys() if only is None else [k for k in only if k in h5.attrs]
-            attrs = {k: h5.attrs[k] for k in keys}
-            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
-            attrs["_n_tiles"] = int(h5["feats"].shape[0]) if "feats" in h5 else 0
-            return attrs
-    except (OSError, KeyError):
-        return None
-
-
-def _claims(h5_path: Path, slide_sha256: str) -> Callable[[Path], bool]:
-    """Without a record, a file of the unit is ours when the unit's h5 carries our attributes for the
-    same slide bytes (an h5 copied without its record, or written by an earlier version of ours)."""
-
-    def claims(path: Path) -> bool:
-        attrs = _h5_attrs(h5_path, _CHECK_ATTRS) if not h5_path.is_symlink() else None
-        if attrs is None or not (PROVENANCE_ATTR in attrs or "stamp_orchestrated_version" in attrs):
-            return False
-        return str(attrs.get("slide_sha256")) == slide_sha256
-
-    return claims
-
-
-def check_slide_outputs(
-    slide_path: Path, h5_path: Path, expected: Provenance, digests: dict[str, str] | None = None
-) -> Check:
-    """:class:`stamp.provenance.Check` of a slide's outputs at ``h5_path`` against ``expected``.
-
-    Reusable only when the unit's record matches and the h5's own ``stamp_provenance`` attribute
-    carries the same key; ``digests`` (from a private cache record) must match too when given.
-    """
-    names = [p.name for p in output_paths(h5_path).values()]
-    subject = slide_subject(slide_path, str(expected.inputs["slide"]))
-    check = check_files(
-        h5_path.parent,
-        h5_path.name,
-        names,
-        expected,
-        subject=subject,
-        claims=_claims(h5_path, str(expected.inputs["slide"])),
-    )
-    if not check.reusable:
-        return check
-    attrs = _h5_attrs(h5_path, _CHECK_ATTRS) or {}
-    try:
-        recorded = json.loads(str(attrs.get(PROVENANCE_ATTR)))["key"]
-    except (ValueError, KeyError, TypeError):
-        recorded = None
-    if recorded != expected.key or not attrs.get("_n_tiles"):
-        return Check(Verdict.STALE, f"{h5_path.name}: its own provenance attribute differs")
-    if digests is not None:
-        record = read_record(record_path(h5_path.parent, h5_path.name))
-        if record is None or record.outputs != digests:
-            return Check(Verdict.STALE, f"{h5_path.name}: files differ from the ones the cache recorded")
-    return check
-
-
 def finished_report(slide_path: Path, h5_path: Path, expected: Provenance) -> SlideReport:
     """The report of a slide whose outputs were reused (read back from the h5's attributes)."""
-    attrs = _h5_attrs(h5_path) or {}
+    header = h5_header(h5_path)
+    attrs = header.attrs if header is not None else {}
     settings = expected.settings
     return SlideReport(
         slide=str(slide_path),
@@ -239,66 +109,10 @@ def finished_report(slide_path: Path, h5_path: Path, expected: Provenance) -> Sl
         mpp_source=attrs.get("mpp_source"),
         mpp_effective=attrs.get("mpp_effective"),
         read_level=attrs.get("read_level"),
-        tiles_kept=int(attrs.get("_n_tiles", 0)),
+        tiles_kept=n_tiles(header) if header is not None else 0,
         stain_norm=settings.get("stain_norm"),
-        outputs=_recorded_outputs(h5_path),
+        outputs=recorded_outputs(h5_path),
     )
-
-
-def _recorded_outputs(h5_path: Path) -> dict[str, str]:
-    record = read_record(record_path(h5_path.parent, h5_path.name))
-    return dict(record.outputs) if record is not None else {}
-
-
-def place_finished(origin: Path, h5_path: Path, slide_path: Path, expected: Provenance) -> None:
-    """Publish the finished outputs found at ``origin`` at ``h5_path`` too (a moved slide or output folder).
-
-    The caller has checked ``origin`` against ``expected``; files are hard-linked (copied across
-    file systems). Raises :class:`stamp.provenance.ForeignOutput` when ``h5_path`` holds files not ours.
-    """
-    staged: dict[str, Path] = {}
-    try:
-        for kind, dst in output_paths(h5_path).items():
-            tmp = staged_file(dst)
-            tmp.unlink()  # a fresh unpredictable name for the link
-            try:
-                os.link(output_paths(origin)[kind], tmp)
-            except OSError:
-                shutil.copy2(output_paths(origin)[kind], tmp)
-            staged[dst.name] = tmp
-        publish_files(
-            h5_path.parent,
-            h5_path.name,
-            staged,
-            expected,
-            subject=slide_subject(slide_path, str(expected.inputs["slide"])),
-            claims=_claims(h5_path, str(expected.inputs["slide"])),
-        )
-    finally:
-        for tmp in staged.values():
-            tmp.unlink(missing_ok=True)
-
-
-def serve_cached(report: dict[str, Any], slide_path: Path, h5_path: Path, expected: Provenance) -> str | None:
-    """Why a cached task result cannot be served as it is (None: it can — placed at ``h5_path`` if needed).
-
-    ``report`` is the cached :meth:`SlideReport.as_dict`; its recorded file digests come from the
-    private result store and must match the files at its own path.
-    """
-    here = check_slide_outputs(slide_path, h5_path, expected)
-    if here.reusable:
-        return None
-    origin = Path(report["h5"])
-    if origin == h5_path:
-        return here.reason
-    there = check_slide_outputs(slide_path, origin, expected, digests=report.get("outputs") or None)
-    if not there.reusable:
-        return there.reason
-    try:
-        place_finished(origin, h5_path, slide_path, expected)
-    except (ForeignOutput, OSError) as exc:
-        return str(exc)
-    return None
 
 
 def process_slide(
@@ -328,15 +142,6 @@ def process_slide(
         return extract_slide(
             slide_path, h5_path, params, encoder, slide_sha256=slide_sha256, code_hash_hex=code
         )
-
-
-def output_paths(h5_path: Path) -> dict[str, Path]:
-    """The files written for one slide: features, rejection thumbnail, tissue contours."""
-    return {
-        "h5": h5_path,
-        "thumbnail": h5_path.with_suffix(".jpg"),
-        "tissue_geojson": h5_path.with_name(h5_path.stem + ".tissue.geojson"),
-    }
 
 
 def sample_plan_tiles(reader: SlideReader, plan: TilePlan, n: int = 64) -> np.ndarray:
@@ -466,14 +271,14 @@ def extract_slide(
             {paths[k].name: staged[k] for k in ("h5", "thumbnail", "tissue_geojson")},
             expected,
             subject=slide_subject(slide_path, digest),
-            claims=_claims(h5_path, digest),
+            claims=claims_outputs(h5_path, digest),
         )
     except ForeignOutput as exc:
         raise SlideFailed(slide_path, str(exc)) from exc
     finally:
         for tmp in staged.values():
             tmp.unlink(missing_ok=True)
-    report.outputs = _recorded_outputs(h5_path)
+    report.outputs = recorded_outputs(h5_path)
     report.h5 = str(h5_path)
     report.seconds = time.perf_counter() - start
     return report
