@@ -24,7 +24,7 @@ from stamp.config_models import PreprocessingConfig
 from stamp.fileio import atomic_path
 from stamp.logs import logger
 from stamp.preprocessing import feature_dir
-from stamp.synthetic import load_cohort
+from stamp.synthetic import load_cohort_truth
 from stamp_flows.cohort import cohort_flow, stage_subflow_settings
 from stamp_flows.synth import synth_flow
 
@@ -129,7 +129,7 @@ def localisation(root: Path, heatmaps: dict[str, Any], crossval_dir: Path) -> di
     """
     from stamp.heatmaps import localisation_score
 
-    info = load_cohort(root)
+    info = load_cohort_truth(root)
     truth = {r.truth.slide_path.resolve(): r for r in info.slides}
     held_out = set(json.loads((crossval_dir / "splits.json").read_text())["splits"][0]["test_patients"])
     pairs = []

@@ -17,7 +17,7 @@ from stamp.synthetic import (
     CohortInfo,
     SlideSpec,
     SlideTruth,
-    load_cohort,
+    load_cohort_truth,
     synth_command,
     write_cohort,
     write_slide,
@@ -212,7 +212,7 @@ def test_truth_queries_and_roundtrip(cohort: CohortInfo) -> None:
     if not planted[iy, jx]:
         assert loaded.planted_fraction_at(min(ix, jx) * d, iy * d, 2 * d, d) == pytest.approx(0.5)
     assert loaded.tissue_fraction_at(-500, -500, 100, 100) == 0.0
-    reloaded = load_cohort(cohort.root)
+    reloaded = load_cohort_truth(cohort.root)
     assert [r.truth for r in reloaded.slides] == [r.truth for r in cohort.slides]
 
 

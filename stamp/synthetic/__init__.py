@@ -22,7 +22,7 @@ from stamp.synthetic.cohort import (
     SlideRecord,
     check_cohort,
     generator_code_hash,
-    load_cohort,
+    load_cohort_truth,
     synth_command,
     write_cohort,
 )
@@ -36,7 +36,7 @@ __all__ = [
     "SlideTruth",
     "check_cohort",
     "generator_code_hash",
-    "load_cohort",
+    "load_cohort_truth",
     "synth_command",
     "write_cohort",
     "write_slide",

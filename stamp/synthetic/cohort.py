@@ -137,8 +137,10 @@ class CohortInfo:
         }
 
 
-def load_cohort(root: Path) -> CohortInfo:
-    """Read a cohort written by :func:`write_cohort` back from its ``truth.json``."""
+def load_cohort_truth(root: Path) -> CohortInfo:
+    """Read a cohort written by :func:`write_cohort` back from its ``truth.json``: its slides, patients
+    and where the biomarker was planted (the training cohort of feature files and targets is
+    :func:`stamp.cohort.load_cohort`)."""
     root = Path(root)
     d = json.loads((root / "truth.json").read_text())
     slides = [SlideRecord(s["patient"], s["label"], SlideTruth.from_dict(s, root)) for s in d["slides"]]
@@ -338,7 +340,7 @@ def write_cohort(
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)
         raise
-    return load_cohort(out)
+    return load_cohort_truth(out)
 
 
 def synth_command(
