@@ -20,7 +20,7 @@ multi-target every class of each target (or ``true_class`` where the target has 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +49,21 @@ from stamp.statistics.tables import (
     write_table,
 )
 
-__all__ = ["METRICS", "class_metrics", "classification_statistics"]
+__all__ = ["METRICS", "auroc_ci", "class_metrics", "classification_statistics"]
 
 METRICS = ("roc_auc_score", "average_precision_score", "f1_score")
+
+
+def auroc_ci(
+    rows: Sequence[Mapping[str, Any]], positive: str, level: str = "aggregate"
+) -> tuple[float, float, float]:
+    """AUROC of class ``positive`` and its 95 % CI, from a statistics run's metric rows
+    (:attr:`stamp.statistics.StatisticsResult.rows`) of ``level``: ``"aggregate"`` (mean over the
+    prediction files with its Student-t interval) or ``"baseline"`` (the mean-pool baseline's)."""
+    for row in rows:
+        if row.get("level") == level and row.get("class") == positive:
+            return row["roc_auc_score"], row["roc_auc_score_lo"], row["roc_auc_score_hi"]
+    raise ValueError(f"statistics produced no {level} AUROC row for class {positive}")
 
 
 def class_metrics(data: ClassData, c: int) -> dict[str, Any]:
