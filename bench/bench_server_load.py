@@ -2,7 +2,7 @@
 
 For each backend: a fresh ``stamp server`` (``start_server``; PostgreSQL: a throw-away instance made by
 ``deployments/postgres/postgres-up.sh`` in a temp state dir on a free 127.0.0.1 port, deleted afterwards,
-unless ``--database URL`` names one), ``deploy_flows(pools=['stamp-process'])``, one process worker with
+unless ``--database URL`` names one), ``register_deployments(pools=['stamp-process'])``, one process worker with
 room for every run, ``stamp watch INBOX --interval 2`` in its own process. Then N ``cohort/process`` runs
 (one per copy of a small synthetic cohort: 2 tiny slides, preprocess with the ``demo`` extractor) are
 created at once from N threads, and while they run a further copy is dropped into the INBOX (``READY``
@@ -217,14 +217,12 @@ def run_backend(
         server, api = start_server(home, database=database if backend == "postgres" else None)
         result["server_start_s"] = round(time.monotonic() - t0, 1)
         env = client_env(work, home, api)
-        code = (
-            "from stamp_flows.deployments import deploy_flows; print(deploy_flows(pools=['stamp-process']))"
-        )
+        code = "from stamp_flows.deployments import register_deployments; print(register_deployments(pools=['stamp-process']))"
         out = subprocess.run(
             [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
         )
         if out.returncode != 0 or "cohort/process" not in out.stdout:
-            raise RuntimeError(f"deploy_flows failed: {out.stdout[-1500:]}{out.stderr[-1500:]}")
+            raise RuntimeError(f"register_deployments failed: {out.stdout[-1500:]}{out.stderr[-1500:]}")
 
         template = work / "template"
         write_template_cohort(template)

@@ -353,7 +353,7 @@ def ensure_zombie_automation(silent_for_s: float = 300.0) -> bool:
     return True
 
 
-def deploy_flows(
+def register_deployments(
     prefect_yaml: Path | None = None,
     pools: list[str] | None = None,
     *,
@@ -361,8 +361,9 @@ def deploy_flows(
     project_root: Path | None = None,
     timeout: float = 600.0,
 ) -> list[str]:
-    """Create or update the work pools, install the zombie-run automation and register the deployments
-    on ``pools`` (default: all).
+    """``stamp deploy-flows``: create or update the work pools, install the zombie-run automation and
+    register the Prefect deployments on ``pools`` (default: all). (Not ``deploy``: that is STAMP's
+    command that runs a trained model on a cohort, :func:`stamp_flows.modeling.deploy_flow`.)
 
     ``pools`` takes pool names or types (``process``, ``docker``, ``slurm``). Returns the registered
     deployments' full names (``flow/deployment``), read back from the server.
@@ -450,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(base_job_template(load_pool_specs()[args[1]]), indent=2))
         return 0
     if args[:1] == ["deploy"]:
-        for name in deploy_flows(pools=args[1:] or None):
+        for name in register_deployments(pools=args[1:] or None):
             print(name)
         return 0
     print("usage: python -m stamp_flows.deployments template POOL | deploy [POOL ...]", file=sys.stderr)

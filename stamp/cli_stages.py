@@ -153,7 +153,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 def cmd_deploy_flows(args: argparse.Namespace) -> int:
     """`stamp deploy-flows`: create the work pools and register the deployments."""
     target = _configure_prefect(args, start_server=False)
-    from stamp_flows.deployments import DeploymentError, deploy_flows
+    from stamp_flows.deployments import DeploymentError, register_deployments
 
     if target.mode == "embedded":
         return _fail(
@@ -161,7 +161,7 @@ def cmd_deploy_flows(args: argparse.Namespace) -> int:
             "or set PREFECT_API_URL"
         )
     try:
-        names = deploy_flows(pools=args.pool)
+        names = register_deployments(pools=args.pool)
     except DeploymentError as exc:
         return _fail(str(exc))
     for name in names:

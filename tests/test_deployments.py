@@ -18,10 +18,10 @@ from stamp_flows.deployments import (
     ZOMBIE_AUTOMATION,
     DeploymentError,
     base_job_template,
-    deploy_flows,
     ensure_work_pools,
     load_pool_specs,
     planned_deployments,
+    register_deployments,
 )
 
 VERSION = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"]
@@ -124,7 +124,7 @@ def test_deploy_needs_a_server() -> None:
         temporary_settings(restore_defaults={PREFECT_API_URL}),
         pytest.raises(DeploymentError, match="server"),
     ):
-        deploy_flows()
+        register_deployments()
 
 
 # ----------------------------------------------------------------------------- against the test API
@@ -132,7 +132,7 @@ def test_deploy_needs_a_server() -> None:
 
 @pytest.fixture(scope="module")
 def registered(prefect_api: str) -> list[str]:
-    return deploy_flows()
+    return register_deployments()
 
 
 def test_registered_deployments_read_back(registered: list[str]) -> None:

@@ -123,9 +123,7 @@ def test_server_on_postgresql_runs_a_cohort_to_completion(
     worker = None
     try:
         t0 = time.monotonic()
-        code = (
-            "from stamp_flows.deployments import deploy_flows; print(deploy_flows(pools=['stamp-process']))"
-        )
+        code = "from stamp_flows.deployments import register_deployments; print(register_deployments(pools=['stamp-process']))"
         out = subprocess.run(
             [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
         )
