@@ -123,7 +123,7 @@ def test_label_with_slash_and_spaces(tmp_path: Path) -> None:
 def demo_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """60 synthetic patients (planted biomarker) encoded with the weight-free demo encoder."""
     from stamp.encoders import load_encoder
-    from stamp.preprocess import PreprocessParams, extract_slide
+    from stamp.preprocessing import PreprocessParams, extract_slide
     from stamp.synthetic import write_cohort
 
     root = tmp_path_factory.mktemp("demo-cohort")
