@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +84,10 @@ class ContentStageCache(CachePolicy):
         )
 
 
+UNSTAMPED_LOCK_GRACE_S = 30.0
+"""Seconds after which a lock file without an owner stamp counts as abandoned (its writer died)."""
+
+
 class ProcessAwareLockManager(FileSystemLockManager):
     """Prefect's file-system lock manager, plus: a lock dies with the process that took it.
 
@@ -123,13 +128,34 @@ class ProcessAwareLockManager(FileSystemLockManager):
     def _owner_is_dead(self, key: str) -> bool:
         path = Path(self._lock_path_for_key(key))
         try:
-            data = json.loads(path.read_bytes())
-            pid, space = int(data["pid"]), str(data["space"])
-        except (OSError, ValueError, KeyError, TypeError):
+            raw, written = path.read_bytes(), path.stat().st_mtime
+        except OSError:
             return False
+        try:
+            data = json.loads(raw)
+            pid, space = int(data["pid"]), str(data["space"])
+        except (ValueError, KeyError, TypeError):
+            # Prefect creates the file empty, then writes it; we stamp the owner right after. A lock
+            # still empty or unstamped long after it was written lost its process in between.
+            return time.time() - written > UNSTAMPED_LOCK_GRACE_S
         if space != PROCESS_SPACE or pid == os.getpid():
             return False
         return not pid_alive(pid)
+
+    def _get_lock_info(self, key: str, use_cache: bool = True) -> Any:
+        """Prefect's reader, except that a lock file caught between its creation and its first
+        write (empty or half-written) reads as held by someone else instead of raising."""
+        try:
+            return super()._get_lock_info(key, use_cache=use_cache)
+        except ValueError:
+            return {"holder": "", "expiration": None, "path": self._lock_path_for_key(key)}
+
+    async def _aget_lock_info(self, key: str, use_cache: bool = True) -> Any:
+        """Async variant of :meth:`_get_lock_info`."""
+        try:
+            return await super()._aget_lock_info(key, use_cache=use_cache)
+        except ValueError:
+            return {"holder": "", "expiration": None, "path": self._lock_path_for_key(key)}
 
     def is_locked(self, key: str, use_cache: bool = False) -> bool:
         """Prefect's check, except that a lock of a dead local process is removed and reported free."""

@@ -105,3 +105,28 @@ def test_lock_of_killed_process_does_not_block(tmp_path: Path, prefect_api: str)
     proc.wait()
     assert probe_flow(str(slide), 256.0, str(out), str(counter)) == str(out)
     assert _executions(counter) == 2
+
+
+def test_lock_file_caught_mid_write_or_unstamped(tmp_path: Path) -> None:
+    """Prefect creates a lock file empty, writes it, and we stamp the owner after: a reader between
+    those steps sees "held" (no JSON error fails the task), and a lock left empty or unstamped by a
+    process killed between them is freed once it is older than the grace period."""
+    from stamp_tasks.cache import UNSTAMPED_LOCK_GRACE_S, ProcessAwareLockManager
+
+    manager = ProcessAwareLockManager(lock_files_directory=tmp_path)
+    for key, content in (
+        ("empty", b""),
+        ("half", b'{"holder": "x", "exp'),
+        ("unstamped", b'{"holder": "x"}'),
+    ):
+        path = Path(manager._lock_path_for_key(key))
+        path.write_bytes(content)
+        assert manager.is_locked(key), key  # young: its writer may still be stamping it
+        assert path.exists()
+        old = path.stat().st_mtime - UNSTAMPED_LOCK_GRACE_S - 5
+        os.utime(path, (old, old))
+        assert not manager.is_locked(key), key  # abandoned: freed
+        assert not path.exists()
+        assert manager.acquire_lock(key, holder="me", acquire_timeout=1)
+        assert manager.is_lock_holder(key, "me")
+        manager.release_lock(key, holder="me")

@@ -85,7 +85,7 @@ def test_kill_9_then_rerun_finishes_only_the_rest(slides: Path, tmp_path: Path, 
     n = len(list(slides.glob("*.svs")))
     assert 0 < len(finished) < n, "the run must have been killed mid-way"
     result = run_preprocess(PreprocessingConfig.model_validate(cfg), task_concurrency=2)
-    assert result["counts"]["failed"] == 0
+    assert result["counts"]["failed"] == 0, [r for r in result["rows"] if r["status"] == "failed"]
     assert result["counts"]["cached"] == len(finished)
     assert result["counts"]["done"] == n - len(finished)
     assert len(list(out.rglob("*.h5"))) == n
