@@ -66,7 +66,9 @@ def test_stage_plan_order_and_parameters_for_a_full_config() -> None:
     assert pre["config"]["extractor"] == "ctranspath" and pre["config"]["wsi_dir"] == "/path/to/slides"
     cv = stage_parameters("crossval", cfg)
     assert set(cv) - {"task_concurrency"} == {"section", "advanced"}
-    assert cv.get("task_concurrency", cfg.orchestration.task_concurrency) == cfg.orchestration.task_concurrency
+    assert (
+        cv.get("task_concurrency", cfg.orchestration.task_concurrency) == cfg.orchestration.task_concurrency
+    )
     assert cv["section"]["n_splits"] == 5 and cv["section"]["ground_truth_label"] == "KRAS"
     assert cv["advanced"] == cfg.advanced_config.model_dump(mode="json")  # type: ignore[union-attr]
     train = stage_parameters("train", cfg)
