@@ -28,12 +28,14 @@ from stamp.hashing import shared_index
 from stamp.logs import logger
 from stamp.preprocessing import (
     SlideFailed,
+    SlideReport,
     colliding_outputs,
     feature_dir,
     h5_path_for,
     params_from_config,
     serve_cached,
     slide_provenance,
+    up_to_date_report,
 )
 from stamp.provenance import Provenance
 from stamp.slidelock import SlideLocked
@@ -91,6 +93,15 @@ def _reason(exc: BaseException, slide: Path) -> str:
     """The exception's first line without a leading ``<slide name>: `` (the table names the slide)."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return text.removeprefix(f"{slide.name}: ")
+
+
+def _up_to_date(slide: Path, h5: Path, expected: Any) -> SlideReport | None:
+    """The report of a slide whose outputs need no task, or None (also when checking fails: the task
+    then reports why)."""
+    try:
+        return up_to_date_report(slide, h5, expected())
+    except Exception:  # unreadable slide or output: the slide's task says what is wrong
+        return None
 
 
 def _collect(
@@ -181,7 +192,17 @@ def preprocess_flow(config: dict[str, Any], shard: int = 0, shards: int = 1) -> 
             digest = shared_index().sha256(slide)
             return slide_provenance(digest, params, weights_sha256, PREPROCESS_CODE_VERSION)
 
+        finished = _up_to_date(slide, h5, expected)
+        if finished is not None:  # no task run: the outputs' own provenance already says so
+            rows.append(_row(slide, wsi_dir, "cached", finished.as_dict()))
+            continue
         jobs.append((slide, h5, submit, expected, submit()))
+    if len(jobs) < len(slides) - len(collisions):
+        logger.info(
+            "preprocess: %d of %d slides up to date (their outputs' provenance matches), no task run for them",
+            len(slides) - len(collisions) - len(jobs),
+            len(slides),
+        )
     by_future = {job[4]: job for job in jobs}
     with tqdm(total=len(jobs), desc="slides", unit="slide", disable=not sys.stderr.isatty()) as bar:
         for i, future in enumerate(as_completed(list(by_future)), 1):

@@ -138,3 +138,53 @@ def test_default_slide_mpp_rescues_generic_tiff(cohort: Path, tmp_path: Path) ->
     result = _run(_cfg(wsi, tmp_path / "features", default_slide_mpp=0.5))
     row = result["rows"][0]
     assert row["status"] == "done" and row["mpp"] == 0.5 and row["tiles_kept"] > 0
+
+
+def _task_runs(prefix: str) -> list[str]:
+    """Names of the task runs whose name starts with ``prefix`` on the current Prefect API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    names: list[str] = []
+    with get_client(sync_client=True) as client:
+        while True:  # page through: the API returns at most its default limit per call
+            page = client.read_task_runs(
+                task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_=prefix)),
+                offset=len(names),
+                limit=200,
+            )
+            names += [r.name for r in page]
+            if len(page) < 200:
+                return sorted(n for n in names if n.startswith(prefix))
+
+
+def test_up_to_date_slides_need_no_task_run(cohort: Path, tmp_path: Path) -> None:
+    """A rerun serves slides whose h5 record matches without a task run (no API round trips per slide);
+    an h5 changed on disk is not served that way: its task runs and writes it again."""
+    wsi = tmp_path / "wsi"
+    shutil.copytree(cohort / "slides", wsi)
+    cfg = _cfg(wsi, tmp_path / "features", tile_size_um=384.0)  # no other test's cache entries
+    first = _run(cfg)
+    n = first["counts"]["done"]
+    assert n > 1
+    before = _task_runs("preprocess-")
+    second = _run(cfg)
+    assert second["counts"]["cached"] == n and second["counts"]["done"] == 0
+    assert _task_runs("preprocess-") == before, "an up-to-date slide must not start a task"
+    assert {r["slide"]: r["tiles_kept"] for r in second["rows"]} == {
+        r["slide"]: r["tiles_kept"] for r in first["rows"]
+    }
+
+    slide = sorted(wsi.glob("*.svs"))[0]
+    victim = Path(first["feature_dir"]) / slide.with_suffix(".h5").name
+    with h5py.File(victim, "r+") as f:
+        original = float(f["feats"][0, 0])
+        f["feats"][0, 0] = original + 1.0  # changed after it was written: its record no longer matches
+    third = _by_slide(_run(cfg))
+    new = _task_runs("preprocess-")
+    for name in before:
+        new.remove(name)
+    assert new and set(new) == {f"preprocess-{slide.name}"}, "exactly the changed slide runs its task"
+    assert third[slide.name]["status"] == "done"
+    with h5py.File(victim, "r") as f:
+        assert float(f["feats"][0, 0]) == pytest.approx(original)

@@ -13,6 +13,7 @@ from stamp.preprocessing.extract import (
     TileEncoder,
     extract_slide,
     process_slide,
+    up_to_date_report,
 )
 from stamp.preprocessing.outputs import (
     check_slide_outputs,
@@ -41,4 +42,5 @@ __all__ = [
     "process_slide",
     "serve_cached",
     "slide_provenance",
+    "up_to_date_report",
 ]

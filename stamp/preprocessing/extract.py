@@ -115,6 +115,17 @@ def finished_report(slide_path: Path, h5_path: Path, expected: Provenance) -> Sl
     )
 
 
+def up_to_date_report(slide_path: Path, h5_path: Path, expected: Provenance) -> SlideReport | None:
+    """The report of a slide whose outputs at ``h5_path`` are what this run would write, else None.
+
+    Read-only and lock-free (a stage checks every slide this way before it starts any work): a unit
+    another run is replacing meanwhile fails the digest check and is left to :func:`process_slide`.
+    """
+    if not check_slide_outputs(slide_path, h5_path, expected).reusable:
+        return None
+    return finished_report(slide_path, h5_path, expected)
+
+
 def process_slide(
     slide_path: Path,
     h5_path: Path,
