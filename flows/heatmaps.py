@@ -43,7 +43,7 @@ def _slide_row(job: Any, status: str, value: dict[str, Any] | None, reason: str 
 def heatmaps_flow(section: dict[str, Any]) -> dict[str, Any]:
     """Heatmaps for every slide of a ``heatmaps`` section, one cached task per slide."""
     from stamp.heatmaps import plan_heatmaps
-    from stamp.heatmaps.render import check_heatmaps
+    from stamp.heatmaps.render import check_heatmaps, finished_heatmaps
 
     start = time.perf_counter()
     sec = HeatmapsConfig.model_validate(section)
@@ -70,8 +70,20 @@ def heatmaps_flow(section: dict[str, Any]) -> dict[str, Any]:
             run,
         )
 
-    futures = [(job, submit(job)) for job in plan.jobs]
-    rows, results = [], []
+    rows, results, futures = [], [], []
+    for job in plan.jobs:
+        finished = finished_heatmaps(job, sec.checkpoint_path, **params)
+        if finished is not None:  # no task run: the folder's own record says it is what we would draw
+            results.append(finished)
+            rows.append(_slide_row(job, "done", finished))
+        else:
+            futures.append((job, submit(job)))
+    if len(futures) < len(plan.jobs):
+        logger.info(
+            "heatmaps: %d of %d slides up to date (their folders' provenance matches), no task run for them",
+            len(plan.jobs) - len(futures),
+            len(plan.jobs),
+        )
     for job, fut in futures:
         fut.wait()
         try:

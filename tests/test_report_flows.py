@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -169,3 +170,53 @@ def test_heatmaps_command_fans_out_per_slide_and_one_bad_slide_fails_alone(
     mtime = overview.stat().st_mtime_ns
     assert main(["-c", str(cfg), "heatmaps"]) == 1
     assert overview.stat().st_mtime_ns == mtime, "an unchanged slide comes from the cache"
+
+
+def test_heatmaps_rerun_serves_up_to_date_folders_without_a_task(tmp_path: Path) -> None:
+    """An unchanged slide's heatmaps come back from its folder (summary + record) with no task run; a
+    folder whose summary was edited is not served that way: its task runs and the folder is redrawn."""
+    from stamp.heatmaps.render import SUMMARY_NAME
+    from stamp.synthetic import SlideSpec, write_slide
+    from stamp_flows.heatmaps import heatmaps_flow
+    from tests.test_heatmaps import MPP, H, W, _grid_features, _h5, _linear_ckpt
+    from tests.test_preprocess_flow import _task_runs
+
+    for name, seed in (("one", 6), ("two", 7)):
+        truth = write_slide(
+            tmp_path / "wsi" / f"{name}.svs", SlideSpec(width=W, height=H, mpp=MPP, seed=seed)
+        )
+        coords, feats, _ = _grid_features(truth)
+        _h5(tmp_path / "feats" / f"{name}.h5", coords, feats)
+    section = {
+        "output_dir": str(tmp_path / "heatmaps"),
+        "feature_dir": str(tmp_path / "feats"),
+        "wsi_dir": str(tmp_path / "wsi"),
+        "checkpoint_path": str(_linear_ckpt(tmp_path / "model.ckpt")),
+        "topk": 2,
+        "device": "cpu",
+    }
+    first = heatmaps_flow(section)
+    assert first["failed"] == 0 and len(first["slides"]) == 2
+    before = _task_runs("heatmap-")
+    second = heatmaps_flow(section)
+    assert _task_runs("heatmap-") == before, "an up-to-date folder must not start a task"
+
+    def drawn(result: dict) -> dict:  # top tiles, scores, paths: all but the time taken
+        return {s["slide"]: {k: v for k, v in s.items() if k != "seconds"} for s in result["slides"]}
+
+    by_slide = drawn(first)
+    assert drawn(second) == by_slide
+    assert all(Path(s["overview"]).is_file() for s in second["slides"])
+
+    summary = tmp_path / "heatmaps" / "one" / SUMMARY_NAME
+    forged = json.loads(summary.read_text()) | {"n_tiles": 1, "predicted": "forged"}
+    summary.write_text(json.dumps(forged))
+    third = heatmaps_flow(section)
+    new = _task_runs("heatmap-")
+    for name in before:
+        new.remove(name)
+    assert new and set(new) == {"heatmap-one"}, "exactly the edited slide runs its task"
+    assert {s["slide"]: s["n_tiles"] for s in third["slides"]} == {
+        k: v["n_tiles"] for k, v in by_slide.items()
+    }
+    assert "forged" not in summary.read_text()

@@ -25,6 +25,7 @@ not write for this slide is never replaced: that slide fails alone. Any failure 
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from functools import cache
@@ -48,8 +49,17 @@ from stamp.provenance import Check, ForeignOutput, Provenance, Subject, check_fo
 from stamp.slides import SlideError, open_slide
 from stamp.slides.reader_base import SlideReader
 
-__all__ = ["SlideHeatmaps", "check_heatmaps", "heatmaps_code_version", "render_slide"]
+__all__ = [
+    "SUMMARY_NAME",
+    "SlideHeatmaps",
+    "check_heatmaps",
+    "finished_heatmaps",
+    "heatmaps_code_version",
+    "render_slide",
+]
 
+SUMMARY_NAME = ".summary.json"
+"""The slide's :class:`SlideHeatmaps` as JSON, inside its folder (hidden, like the record)."""
 MIN_TOP = 5  # top tiles recorded in the result per output even when ``topk`` is smaller
 
 
@@ -293,28 +303,96 @@ def _render(
             ctx = _Ctx(job, reader, tmp, coords, mpp, tile_um, geometry, geometry.tile_index(coords), thumb,
                        float(opacity), int(topk), int(bottomk))  # fmt: skip
             result = _write_all(ctx, head, sc, meta)
+            s = safe_name(job.stem)
+
+            def moved(tiles: dict[str, list[TopTile]]) -> dict[str, list[TopTile]]:
+                return {
+                    k: [replace(t, file=str(final / "tiles" / t.file) if t.file else "") for t in v]
+                    for k, v in tiles.items()
+                }
+
+            summary = SlideHeatmaps(
+                slide=job.name, slide_path=job.slide_path, output_dir=final, task=head.task,
+                labels=list(head.labels), predicted=result["predicted"],
+                slide_scores={lab: float(v) for lab, v in zip(head.labels, sc.slide_outputs, strict=True)},
+                n_tiles=len(coords), mpp=float(mpp), tile_size_um=tile_um,
+                thumbnail=final / "raw" / f"thumbnail-{s}.png", overview=final / "plots" / f"overview-{s}.png",
+                geojson=final / f"{s}-tiles.geojson", arrays=final / "raw" / f"{s}-arrays.npz",
+                files=sorted([final / SUMMARY_NAME, *(final / p.relative_to(tmp) for p in result["files"])]),
+                top=moved(result["top"]), bottom=moved(result["bottom"]),
+                seconds=time.perf_counter() - start, note=note,
+                extra={"map_size": [geometry.width, geometry.height], "px_per_tile": geometry.px_per_tile,
+                       "mpp_source": mpp_source},
+            )  # fmt: skip
+            # the summary travels with the folder (covered by its record), so a rerun can serve it unread
+            ctx.write(SUMMARY_NAME, _portable_summary(summary))
             publish_folder(tmp, final, expected, subject=subject)
-    s = safe_name(job.stem)
+    return summary
 
-    def moved(tiles: dict[str, list[TopTile]]) -> dict[str, list[TopTile]]:
-        return {
-            k: [replace(t, file=str(final / "tiles" / t.file) if t.file else "") for t in v]
-            for k, v in tiles.items()
-        }
 
-    return SlideHeatmaps(
-        slide=job.name, slide_path=job.slide_path, output_dir=final, task=head.task, labels=list(head.labels),
-        predicted=result["predicted"],
-        slide_scores={lab: float(v) for lab, v in zip(head.labels, sc.slide_outputs, strict=True)},
-        n_tiles=len(coords), mpp=float(mpp), tile_size_um=tile_um,
-        thumbnail=final / "raw" / f"thumbnail-{s}.png", overview=final / "plots" / f"overview-{s}.png",
-        geojson=final / f"{s}-tiles.geojson", arrays=final / "raw" / f"{s}-arrays.npz",
-        files=sorted(final / p.relative_to(tmp) for p in result["files"]),
-        top=moved(result["top"]), bottom=moved(result["bottom"]),
-        seconds=time.perf_counter() - start, note=note,
-        extra={"map_size": [geometry.width, geometry.height], "px_per_tile": geometry.px_per_tile,
-               "mpp_source": mpp_source},
-    )  # fmt: skip
+def finished_heatmaps(job: HeatmapJob, checkpoint_path: Path | str, **settings: Any) -> dict[str, Any] | None:
+    """The summary (:meth:`SlideHeatmaps.to_dict`) of a slide whose heatmaps folder is what this run
+    would draw, read back from the folder; None when it must be (re)drawn or predates the summary.
+
+    Read-only and lock-free: a stage checks every slide this way before it starts any work.
+    """
+    if not check_heatmaps(job, checkpoint_path, **settings).reusable:
+        return None
+    try:
+        stored = json.loads((job.output_dir / SUMMARY_NAME).read_bytes())
+        return _placed_summary(stored, job)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None  # unreadable: the task draws the slide again
+
+
+_PATH_FIELDS = ("thumbnail", "overview", "geojson", "arrays")
+
+
+def _portable_summary(summary: SlideHeatmaps) -> bytes:
+    """The summary as stored in its folder: the same bytes for the same drawing wherever the folder or
+    the slide lives (paths relative to the folder; no slide path, no time taken)."""
+    root = summary.output_dir
+
+    def rel(path: str | Path) -> str:
+        return Path(path).relative_to(root).as_posix() if path else ""
+
+    d = summary.to_dict()
+    for key in ("slide", "slide_path", "output_dir", "seconds"):
+        d.pop(key)
+    for key in _PATH_FIELDS:
+        d[key] = rel(d[key])
+    d["files"] = [rel(p) for p in d["files"]]
+    for tiles in (d["top"], d["bottom"]):
+        for entries in tiles.values():
+            for tile in entries:
+                tile["file"] = rel(tile["file"])
+    return json.dumps(d, sort_keys=True).encode()
+
+
+def _placed_summary(stored: dict[str, Any], job: HeatmapJob) -> dict[str, Any]:
+    """:func:`_portable_summary` read back for ``job``: the :meth:`SlideHeatmaps.to_dict` of its folder."""
+    root = job.output_dir
+
+    def placed(rel: str) -> str:
+        if not isinstance(rel, str) or Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise ValueError(f"{SUMMARY_NAME}: a path outside its folder")
+        return str(root / rel) if rel else ""
+
+    d = dict(stored)
+    for key in _PATH_FIELDS:
+        d[key] = placed(d[key])
+    d["files"] = [placed(p) for p in d["files"]]
+    d["top"], d["bottom"] = (
+        {k: [{**t, "file": placed(t["file"])} for t in v] for k, v in tiles.items()}
+        for tiles in (d["top"], d["bottom"])
+    )
+    return {
+        "slide": job.name,
+        "slide_path": str(job.slide_path),
+        "output_dir": str(root),
+        **d,
+        "seconds": 0.0,
+    }
 
 
 def _write_all(ctx: _Ctx, head: Head, sc: TileScores, meta: dict[str, Any]) -> dict[str, Any]:
